@@ -1,16 +1,76 @@
 //! In-place (un)masking of payloads (RFC 6455 §5.3).
 //!
-//! [`apply_mask`] picks the fastest kernel once per process: AVX2 or SSE2 on x86-64, NEON on
-//! aarch64, a portable word-at-a-time loop elsewhere and under Miri. [`apply_mask_scalar`] is
-//! the byte-at-a-time reference the others are tested against.
+//! [`apply_mask`] picks the fastest kernel once per process: AVX2 (runtime-detected) or SSE2
+//! (the x86-64 baseline) on x86-64, NEON on aarch64, and the portable word-at-a-time
+//! [`apply_mask_portable`] elsewhere. Under Miri it runs the byte-at-a-time
+//! [`apply_mask_scalar`], the reference every other kernel is tested against.
 //!
 //! A frame's payload may arrive over several reads, so every function takes the mask `phase`
 //! (the payload offset modulo 4 where `buf` starts) and returns the phase after `buf`.
+//!
+//! This is the only place in `proto` allowed `unsafe`: the SIMD kernels load and store through
+//! raw pointers into `buf` and are `#[target_feature]` functions. Everything here works on the
+//! caller's slice only; it never allocates and never reads or writes outside `buf`.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+mod neon;
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+mod x86;
 
 /// XORs `buf` with `mask`, starting at mask byte `phase` (0..4). Returns the next phase.
+///
+/// Only `phase % 4` matters, so any payload offset may be passed. The result is the same as
+/// [`apply_mask_scalar`]'s, just faster.
 #[inline]
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
-    apply_mask_portable(buf, mask, phase)
+    #[cfg(miri)]
+    {
+        apply_mask_scalar(buf, mask, phase)
+    }
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        x86::apply_mask(buf, mask, phase)
+    }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+    {
+        neon::apply_mask(buf, mask, phase)
+    }
+    #[cfg(not(any(
+        miri,
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", target_feature = "neon")
+    )))]
+    {
+        apply_mask_portable(buf, mask, phase)
+    }
+}
+
+/// The name of the kernel [`apply_mask`] uses on this machine: `"avx2"`, `"sse2"`, `"neon"`,
+/// `"portable"` or `"scalar"` (under Miri). Detects the CPU features if not done yet.
+///
+/// Meant for benchmark labels and logs; the exact strings are not API.
+pub fn kernel_name() -> &'static str {
+    #[cfg(miri)]
+    {
+        "scalar"
+    }
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        x86::kernel_name()
+    }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+    {
+        "neon"
+    }
+    #[cfg(not(any(
+        miri,
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", target_feature = "neon")
+    )))]
+    {
+        "portable"
+    }
 }
 
 /// The byte-at-a-time reference implementation.
@@ -21,45 +81,163 @@ pub fn apply_mask_scalar(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
     (phase + buf.len()) & 3
 }
 
-/// Word-at-a-time masking without SIMD intrinsics.
+/// Word-at-a-time masking without SIMD intrinsics (eight bytes per step).
 pub fn apply_mask_portable(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
-    let phase = phase & 3;
-    let rotated = u32::from_ne_bytes([
-        mask[phase],
-        mask[(phase + 1) & 3],
-        mask[(phase + 2) & 3],
-        mask[(phase + 3) & 3],
-    ]);
-    let wide = u64::from(rotated) | (u64::from(rotated) << 32);
+    let next = (phase + buf.len()) & 3;
+    let word = rotate(mask, phase);
+    let wide = u64::from_ne_bytes(repeat(word));
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let value = u64::from_ne_bytes(word) ^ wide;
-        chunk.copy_from_slice(&value.to_ne_bytes());
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
     }
-    // Whole 8-byte words leave the phase unchanged, so the tail continues at `phase`.
-    apply_mask_scalar(chunks.into_remainder(), mask, phase)
+    // Whole 8-byte words leave the phase unchanged, so the tail continues with `word`.
+    mask_tail(chunks.into_remainder(), word);
+    next
+}
+
+/// `mask` as seen from byte `phase`: the four mask bytes that apply to the next four bytes.
+#[inline(always)]
+fn rotate(mask: [u8; 4], phase: usize) -> [u8; 4] {
+    let p = phase & 3;
+    [
+        mask[p],
+        mask[(p + 1) & 3],
+        mask[(p + 2) & 3],
+        mask[(p + 3) & 3],
+    ]
+}
+
+/// `word` repeated to fill `N` bytes (`N` a multiple of 4), the pattern a vector XORs with.
+#[inline(always)]
+fn repeat<const N: usize>(word: [u8; 4]) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = word[i & 3];
+    }
+    out
+}
+
+/// Masks a short remainder (any length, meant for fewer than 16 bytes) with `word` applying
+/// from its first byte: one 8-byte step, one 4-byte step, then up to 3 single bytes.
+#[inline(always)]
+fn mask_tail(buf: &mut [u8], word: [u8; 4]) {
+    let wide = u64::from_ne_bytes(repeat(word));
+    let mut words = buf.chunks_exact_mut(8);
+    for chunk in &mut words {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
+    }
+    let mut rest = words.into_remainder();
+    if rest.len() >= 4 {
+        let (head, tail) = rest.split_at_mut(4);
+        let mut bytes = [0u8; 4];
+        bytes.copy_from_slice(head);
+        head.copy_from_slice(&(u32::from_ne_bytes(bytes) ^ u32::from_ne_bytes(word)).to_ne_bytes());
+        rest = tail;
+    }
+    for (b, m) in rest.iter_mut().zip(word) {
+        *b ^= m;
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn portable_matches_scalar_at_every_length_offset_and_phase() {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let data: Vec<u8> = (0..400u32).map(|i| (i * 7 + 3) as u8).collect();
-        for len in 0..=300 {
+    /// A 64-byte aligned buffer, so `offset` below really is the address modulo 64.
+    #[repr(C, align(64))]
+    struct Aligned([u8; 1024 + 128]);
+
+    const MASK: [u8; 4] = [0x12, 0x34, 0xa6, 0xf8];
+
+    /// Checks `kernel` against [`apply_mask_scalar`] in place at every length in `lengths`,
+    /// every address offset 0..=63 and every phase 0..4, and that no byte outside the slice
+    /// changes.
+    pub(crate) fn check_kernel(
+        name: &str,
+        lengths: impl Iterator<Item = usize> + Clone,
+        kernel: impl Fn(&mut [u8], [u8; 4], usize) -> usize,
+    ) {
+        let mut actual = Box::new(Aligned([0; 1024 + 128]));
+        let mut expected = Box::new(Aligned([0; 1024 + 128]));
+        let pattern: Vec<u8> = (0..actual.0.len()).map(|i| (i * 7 + 3) as u8).collect();
+        for len in lengths {
+            assert!(
+                len + 64 <= actual.0.len(),
+                "test buffer too small for {len}"
+            );
             for offset in 0..=63 {
                 for phase in 0..4 {
-                    let mut a = data[offset..offset + len].to_vec();
-                    let mut b = a.clone();
-                    let pa = apply_mask(&mut a, mask, phase);
-                    let pb = apply_mask_scalar(&mut b, mask, phase);
-                    assert_eq!((pa, &a), (pb, &b), "len {len} offset {offset} phase {phase}");
+                    actual.0.copy_from_slice(&pattern);
+                    expected.0.copy_from_slice(&pattern);
+                    let pa = kernel(&mut actual.0[offset..offset + len], MASK, phase);
+                    let pe = apply_mask_scalar(&mut expected.0[offset..offset + len], MASK, phase);
+                    assert!(
+                        pa == pe && actual.0 == expected.0,
+                        "{name}: len {len} offset {offset} phase {phase}"
+                    );
                 }
             }
         }
+    }
+
+    #[test]
+    fn dispatcher_matches_scalar_at_every_length_offset_and_phase() {
+        check_kernel(kernel_name(), 0..=300, apply_mask);
+    }
+
+    #[test]
+    fn dispatcher_matches_scalar_on_long_buffers() {
+        check_kernel(
+            kernel_name(),
+            (512..=1024).step_by(97).chain([1021, 1023]),
+            apply_mask,
+        );
+    }
+
+    #[test]
+    fn portable_matches_scalar_at_every_length_offset_and_phase() {
+        check_kernel("portable", 0..=300, apply_mask_portable);
+    }
+
+    #[test]
+    fn phase_carries_across_split_buffers() {
+        let data: Vec<u8> = (0..700u32).map(|i| (i * 13 + 1) as u8).collect();
+        let mut whole = data.clone();
+        apply_mask_scalar(&mut whole, MASK, 1);
+        for cut_a in [0, 1, 2, 3, 5, 31, 33, 64, 255, 300] {
+            for cut_b in [cut_a, cut_a + 1, cut_a + 7, cut_a + 290] {
+                let mut parts = data.clone();
+                let (a, rest) = parts.split_at_mut(cut_a);
+                let (b, c) = rest.split_at_mut(cut_b - cut_a);
+                let phase = apply_mask(a, MASK, 1);
+                let phase = apply_mask(b, MASK, phase);
+                let phase = apply_mask(c, MASK, phase);
+                assert_eq!(phase, (1 + data.len()) & 3);
+                assert_eq!(parts, whole, "cuts {cut_a} {cut_b}");
+            }
+        }
+    }
+
+    #[test]
+    fn phase_is_taken_modulo_four() {
+        let mut a = *b"hello, masked world";
+        let mut b = a;
+        assert_eq!(
+            apply_mask(&mut a, MASK, 6),
+            apply_mask_scalar(&mut b, MASK, 2)
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn masks_the_rfc_example() {
+        // RFC 6455 §5.7: a masked "Hello" from client to server.
+        let mut payload = [0x7f, 0x9f, 0x4d, 0x51, 0x58];
+        assert_eq!(apply_mask(&mut payload, [0x37, 0xfa, 0x21, 0x3d], 0), 1);
+        assert_eq!(&payload, b"Hello");
     }
 }

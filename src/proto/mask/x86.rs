@@ -1,0 +1,247 @@
+//! x86-64 masking kernels: AVX2 (runtime-detected) and SSE2 (part of the x86-64 baseline).
+//!
+//! The kernel is chosen on the first call and cached in [`KERNEL`], so later calls cost one
+//! relaxed load and a predictable branch. Both kernels use unaligned loads and stores, so any
+//! `buf` works; long buffers first mask a short head to reach vector alignment, so the main
+//! loop never splits a cache line.
+
+use std::arch::x86_64::{
+    __m128i, __m256i, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_xor_si256, _mm_loadu_si128,
+    _mm_storeu_si128, _mm_xor_si128,
+};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use super::{mask_tail, repeat, rotate};
+
+/// [`KERNEL`] before detection ran.
+const UNDETECTED: u8 = 0;
+/// [`KERNEL`] value: use [`apply_mask_sse2`].
+const SSE2: u8 = 1;
+/// [`KERNEL`] value: use [`apply_mask_avx2`]. Stored only after AVX2 was detected.
+const AVX2: u8 = 2;
+
+/// The kernel picked for this process. Relaxed ordering suffices: the value depends only on
+/// the CPU, so a thread that reads a stale [`UNDETECTED`] simply detects again.
+static KERNEL: AtomicU8 = AtomicU8::new(UNDETECTED);
+
+/// Buffers at least this long get an alignment head; below it the head costs more than the
+/// split cache lines it saves.
+const ALIGN_FROM: usize = 256;
+
+/// Dispatches to the detected kernel.
+#[inline]
+pub(super) fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    if cfg!(target_feature = "avx2") {
+        // SAFETY: the crate was compiled for CPUs with AVX2, so every CPU it runs on has it.
+        return unsafe { apply_mask_avx2(buf, mask, phase) };
+    }
+    match KERNEL.load(Ordering::Relaxed) {
+        // SAFETY: `AVX2` is stored in `KERNEL` only after `detect` saw the CPU support AVX2.
+        AVX2 => unsafe { apply_mask_avx2(buf, mask, phase) },
+        SSE2 => apply_mask_sse2_safe(buf, mask, phase),
+        _ => {
+            detect();
+            apply_mask(buf, mask, phase)
+        }
+    }
+}
+
+/// The name of the detected kernel.
+pub(super) fn kernel_name() -> &'static str {
+    if cfg!(target_feature = "avx2") || detect() == AVX2 {
+        "avx2"
+    } else {
+        "sse2"
+    }
+}
+
+/// Detects the CPU's features (once per process in practice) and caches the pick.
+#[cold]
+fn detect() -> u8 {
+    let cached = KERNEL.load(Ordering::Relaxed);
+    if cached != UNDETECTED {
+        return cached;
+    }
+    let kernel = if std::is_x86_feature_detected!("avx2") {
+        AVX2
+    } else {
+        SSE2
+    };
+    KERNEL.store(kernel, Ordering::Relaxed);
+    kernel
+}
+
+/// [`apply_mask_sse2`] behind a safe signature: SSE2 is part of the x86-64 baseline.
+#[inline]
+pub(super) fn apply_mask_sse2_safe(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    const _: () = assert!(cfg!(target_feature = "sse2"), "x86-64 always has SSE2");
+    // SAFETY: every x86-64 CPU has SSE2 (asserted at compile time just above).
+    unsafe { apply_mask_sse2(buf, mask, phase) }
+}
+
+/// Number of bytes before the first `align`-aligned address in `buf` (all of `buf` if none).
+#[inline(always)]
+fn head_len(buf: &[u8], align: usize) -> usize {
+    ((buf.as_ptr() as usize).wrapping_neg() & (align - 1)).min(buf.len())
+}
+
+/// Masks fewer than 32 bytes with `word` applying from the first byte: one 16-byte step, then
+/// [`mask_tail`].
+///
+/// # Safety
+/// The CPU must support SSE2 (always true on x86-64).
+#[inline]
+#[target_feature(enable = "sse2")]
+unsafe fn mask_short(buf: &mut [u8], word: [u8; 4]) {
+    let mut rest = buf;
+    if rest.len() >= 16 {
+        let (head, tail) = rest.split_at_mut(16);
+        let pattern: [u8; 16] = repeat(word);
+        // SAFETY: `head` and `pattern` are 16 bytes each, the unaligned load/store intrinsics
+        // need no alignment, and SSE2 is available (caller's contract).
+        unsafe {
+            let p = head.as_mut_ptr().cast::<__m128i>();
+            let m = _mm_loadu_si128(pattern.as_ptr().cast());
+            _mm_storeu_si128(p, _mm_xor_si128(_mm_loadu_si128(p), m));
+        }
+        rest = tail;
+    }
+    mask_tail(rest, word);
+}
+
+/// SSE2 kernel: 64 bytes per iteration in four 16-byte vectors.
+///
+/// # Safety
+/// The CPU must support SSE2 (always true on x86-64).
+#[target_feature(enable = "sse2")]
+pub(super) unsafe fn apply_mask_sse2(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    let next = (phase + buf.len()) & 3;
+    let mut phase = phase & 3;
+    let mut rest = buf;
+    if rest.len() >= ALIGN_FROM {
+        let (head, tail) = rest.split_at_mut(head_len(rest, 16));
+        // SAFETY: SSE2 is available (caller's contract).
+        unsafe { mask_short(head, rotate(mask, phase)) };
+        phase = (phase + head.len()) & 3;
+        rest = tail;
+    }
+    let word = rotate(mask, phase);
+    let pattern: [u8; 16] = repeat(word);
+    let mut blocks = rest.chunks_exact_mut(64);
+    for block in &mut blocks {
+        // SAFETY: `block` is 64 bytes, so the four 16-byte accesses at `p..p + 4` stay inside
+        // it; `pattern` is 16 bytes; unaligned intrinsics need no alignment; SSE2 is available.
+        unsafe {
+            let m = _mm_loadu_si128(pattern.as_ptr().cast());
+            let p = block.as_mut_ptr().cast::<__m128i>();
+            let (a, b) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
+            let (c, d) = (_mm_loadu_si128(p.add(2)), _mm_loadu_si128(p.add(3)));
+            _mm_storeu_si128(p, _mm_xor_si128(a, m));
+            _mm_storeu_si128(p.add(1), _mm_xor_si128(b, m));
+            _mm_storeu_si128(p.add(2), _mm_xor_si128(c, m));
+            _mm_storeu_si128(p.add(3), _mm_xor_si128(d, m));
+        }
+    }
+    // Whole blocks leave the phase unchanged, so the rest continues with `word`.
+    let mut vectors = blocks.into_remainder().chunks_exact_mut(16);
+    for vector in &mut vectors {
+        // SAFETY: `vector` and `pattern` are 16 bytes each; unaligned intrinsics; SSE2.
+        unsafe {
+            let p = vector.as_mut_ptr().cast::<__m128i>();
+            let m = _mm_loadu_si128(pattern.as_ptr().cast());
+            _mm_storeu_si128(p, _mm_xor_si128(_mm_loadu_si128(p), m));
+        }
+    }
+    mask_tail(vectors.into_remainder(), word);
+    next
+}
+
+/// AVX2 kernel: 128 bytes per iteration in four 32-byte vectors.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    let next = (phase + buf.len()) & 3;
+    let mut phase = phase & 3;
+    let mut rest = buf;
+    if rest.len() >= ALIGN_FROM {
+        let (head, tail) = rest.split_at_mut(head_len(rest, 32));
+        // SAFETY: AVX2 implies SSE2, and the caller guarantees AVX2.
+        unsafe { mask_short(head, rotate(mask, phase)) };
+        phase = (phase + head.len()) & 3;
+        rest = tail;
+    }
+    let word = rotate(mask, phase);
+    let pattern: [u8; 32] = repeat(word);
+    let mut blocks = rest.chunks_exact_mut(128);
+    for block in &mut blocks {
+        // SAFETY: `block` is 128 bytes, so the four 32-byte accesses at `p..p + 4` stay inside
+        // it; `pattern` is 32 bytes; unaligned intrinsics need no alignment; the caller
+        // guarantees AVX2.
+        unsafe {
+            let m = _mm256_loadu_si256(pattern.as_ptr().cast());
+            let p = block.as_mut_ptr().cast::<__m256i>();
+            let (a, b) = (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+            let (c, d) = (_mm256_loadu_si256(p.add(2)), _mm256_loadu_si256(p.add(3)));
+            _mm256_storeu_si256(p, _mm256_xor_si256(a, m));
+            _mm256_storeu_si256(p.add(1), _mm256_xor_si256(b, m));
+            _mm256_storeu_si256(p.add(2), _mm256_xor_si256(c, m));
+            _mm256_storeu_si256(p.add(3), _mm256_xor_si256(d, m));
+        }
+    }
+    // Whole blocks leave the phase unchanged, so the rest continues with `word`.
+    let mut vectors = blocks.into_remainder().chunks_exact_mut(32);
+    for vector in &mut vectors {
+        // SAFETY: `vector` and `pattern` are 32 bytes each; unaligned intrinsics; AVX2.
+        unsafe {
+            let p = vector.as_mut_ptr().cast::<__m256i>();
+            let m = _mm256_loadu_si256(pattern.as_ptr().cast());
+            _mm256_storeu_si256(p, _mm256_xor_si256(_mm256_loadu_si256(p), m));
+        }
+    }
+    // SAFETY: AVX2 implies SSE2, and the caller guarantees AVX2.
+    unsafe { mask_short(vectors.into_remainder(), word) };
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::check_kernel;
+    use super::*;
+
+    #[test]
+    fn sse2_matches_scalar_at_every_length_offset_and_phase() {
+        check_kernel(
+            "sse2",
+            (0..=300).chain([511, 512, 513, 1000]),
+            apply_mask_sse2_safe,
+        );
+    }
+
+    #[test]
+    fn avx2_matches_scalar_at_every_length_offset_and_phase() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipping: this CPU has no AVX2");
+            return;
+        }
+        check_kernel(
+            "avx2",
+            (0..=300).chain([511, 512, 513, 1000]),
+            |buf, mask, phase| {
+                // SAFETY: AVX2 was detected just above.
+                unsafe { apply_mask_avx2(buf, mask, phase) }
+            },
+        );
+    }
+
+    #[test]
+    fn dispatcher_picks_avx2_when_the_cpu_has_it() {
+        let expected = if std::is_x86_feature_detected!("avx2") {
+            "avx2"
+        } else {
+            "sse2"
+        };
+        assert_eq!(kernel_name(), expected);
+    }
+}
