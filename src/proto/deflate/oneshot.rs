@@ -1,0 +1,154 @@
+//! Per-message compression and inflation without context takeover, on libdeflate.
+//!
+//! Owns the per-thread libdeflate objects: a compressor per level (~656 KiB each at levels
+//! 1..=9) and one decompressor (~11 KiB), made on first use and shared by every connection the
+//! thread serves, plus a scratch buffer for the inflater's input. Nothing here outlives a call
+//! in a connection's state. Never holds the thread-local borrow across anything but libdeflate.
+
+use std::cell::RefCell;
+
+use libdeflater::{CompressionLvl, Compressor, DecompressionError, Decompressor};
+
+use super::InflateError;
+
+/// Appended to a received message before inflating it (RFC 7692 §7.2.2): `00 00 ff ff`
+/// restores the stripped empty stored block, then `01 00 00 ff ff` is an empty *final* stored
+/// block, since libdeflate wants a stream that ends with BFINAL and senders that sync-flush
+/// (zlib style) end their messages with a non-final block. A message that already ends in a
+/// BFINAL block stops the inflater there and the tail is ignored.
+const INFLATE_TAIL: [u8; 9] = [0x00, 0x00, 0xff, 0xff, 0x01, 0x00, 0x00, 0xff, 0xff];
+
+/// The first output buffer guess, as a multiple of the compressed size.
+const FIRST_GUESS_RATIO: usize = 4;
+/// The smallest first output buffer guess.
+const MIN_FIRST_GUESS: usize = 1024;
+/// How much the output buffer grows after libdeflate runs out of space. Each retry restarts
+/// the inflation from the beginning, so the growth is steep: the wasted work is at most a
+/// third of the final run.
+const GROWTH: usize = 4;
+/// The scratch input buffer is freed after a call if it grew past this, so one huge message
+/// does not pin its size on the thread.
+const SCRATCH_KEEP: usize = 256 * 1024;
+
+/// The per-thread libdeflate state.
+#[derive(Default)]
+struct Shared {
+    /// One compressor per libdeflate level 1..=12, index `level - 1`.
+    compressors: [Option<Compressor>; 12],
+    decompressor: Option<Decompressor>,
+    /// The received payload followed by [`INFLATE_TAIL`].
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static SHARED: RefCell<Shared> = RefCell::new(Shared::default());
+}
+
+/// Compresses `payload` as one self-contained DEFLATE stream into `out` (empty on entry), in
+/// the RFC 7692 §7.2.1 wire form. `false` (and `out` empty) if the result would not be shorter
+/// than `payload`.
+///
+/// libdeflate ends its stream with a BFINAL block, which RFC 7692 §7.2.3.3 allows. §7.2.1 then
+/// appends an empty stored block (3 zero header bits, zero padding to the byte boundary,
+/// `00 00 ff ff`) and strips the `00 00 ff ff`. Where the header bits land depends on how many
+/// padding bits libdeflate left in its last byte, which it does not report: with 3 or more, the
+/// §7.2.1 form is libdeflate's output itself; with fewer, it is that plus one `00` byte. We
+/// always append the `00` byte. Receivers stop at the BFINAL block (zlib) and ignore it, or
+/// reset and go on inflating what follows (Chromium, WebKit, libsoup): then the byte-aligned
+/// `00` plus the `00 00 ff ff` they append is a valid empty stored block, which the bare
+/// libdeflate output would not give in the 3-or-more case.
+pub(super) fn compress(level: u8, payload: &[u8], out: &mut Vec<u8>) -> bool {
+    // Worth sending compressed only if the stream plus its `00` byte is shorter than the
+    // payload: the stream gets at most `len - 2` bytes.
+    let Some(room) = payload.len().checked_sub(2) else {
+        return false;
+    };
+    let index = usize::from(level.clamp(1, 12) - 1);
+    let written = SHARED.with_borrow_mut(|shared| {
+        let compressor = shared.compressors[index].get_or_insert_with(|| {
+            // `index + 1` is in 1..=12, which libdeflate accepts.
+            let level = CompressionLvl::new(index as i32 + 1).unwrap_or_default();
+            Compressor::new(level)
+        });
+        out.resize(room, 0);
+        compressor.deflate_compress(payload, out).ok()
+    });
+    match written {
+        Some(len) => {
+            out.truncate(len);
+            final_stream_to_wire(out);
+            true
+        }
+        None => {
+            out.clear();
+            false
+        }
+    }
+}
+
+/// Turns a DEFLATE stream that ends with a BFINAL block into the payload [`compress`]
+/// sends: the stream and one `00` byte (see there why).
+pub(super) fn final_stream_to_wire(stream: &mut Vec<u8>) {
+    stream.push(0x00);
+}
+
+/// Inflates one self-contained message into `out` (empty on entry), at most `max_len` bytes.
+///
+/// libdeflate inflates into a fixed buffer, so the buffer starts at a guess and grows
+/// [`GROWTH`]-fold up to `max_len` whenever libdeflate reports it too small; a message that
+/// needs more than `max_len` is [`InflateError::TooBig`]. Capacity `out` already has is reused;
+/// past it, the old buffer is freed before a larger one is allocated, so a decompression bomb
+/// costs at most `max_len` bytes of output buffer (libdeflate itself allocates nothing here).
+pub(super) fn decompress(
+    input: &[u8],
+    max_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), InflateError> {
+    SHARED.with_borrow_mut(|shared| {
+        let Shared {
+            decompressor,
+            scratch,
+            ..
+        } = shared;
+        let decompressor = decompressor.get_or_insert_with(Decompressor::new);
+        scratch.clear();
+        scratch.reserve(input.len() + INFLATE_TAIL.len());
+        scratch.extend_from_slice(input);
+        scratch.extend_from_slice(&INFLATE_TAIL);
+
+        let guess = input
+            .len()
+            .saturating_mul(FIRST_GUESS_RATIO)
+            .max(MIN_FIRST_GUESS);
+        let mut size = guess.min(max_len);
+        let result = loop {
+            if size > out.capacity() {
+                // Free first: the old contents are garbage, and keeping them through a
+                // reallocation would double the peak.
+                *out = Vec::new();
+                out.reserve_exact(size);
+            }
+            out.resize(size, 0);
+            match decompressor.deflate_decompress(scratch, out) {
+                Ok(len) => {
+                    out.truncate(len);
+                    break Ok(());
+                }
+                Err(DecompressionError::BadData) => break Err(InflateError::Invalid),
+                Err(DecompressionError::InsufficientSpace) if size >= max_len => {
+                    break Err(InflateError::TooBig)
+                }
+                Err(DecompressionError::InsufficientSpace) => {
+                    size = size.saturating_mul(GROWTH).min(max_len);
+                }
+            }
+        };
+        if result.is_err() {
+            out.clear();
+        }
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        result
+    })
+}
