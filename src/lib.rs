@@ -15,3 +15,7 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod proto;
+mod runtime;
+pub mod server;
+
+pub use server::{Builder, Handler, Message, Remote, SendStatus, Server, ServerHandle, Ws};

@@ -1,0 +1,291 @@
+//! Plain system calls the shards make outside the ring, all cold-path: creating listeners and
+//! eventfds, socket options, `shutdown`/`close`, CPU pinning and the shutdown-signal hook.
+//!
+//! Every `unsafe` here is a libc call on integers or on memory owned by the calling frame.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn from_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Opens a listening TCP socket with SO_REUSEADDR and SO_REUSEPORT (so every shard can bind
+/// the same address and the kernel spreads connections across them).
+///
+/// # Errors
+/// socket/bind/listen failures.
+pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<RawFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall on integers.
+    let fd = check(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let result = (|| {
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        let (storage, len) = to_sockaddr(addr);
+        // SAFETY: `storage` is a valid sockaddr of `len` bytes living on this frame.
+        check(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+        // SAFETY: plain syscall.
+        check(unsafe { libc::listen(fd, backlog) })?;
+        Ok(fd)
+    })();
+    if result.is_err() {
+        close(fd);
+    }
+    result
+}
+
+fn set_int_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` lives on this frame and its size is passed.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Disables Nagle's algorithm: the shard already batches writes per connection.
+pub(crate) fn set_nodelay(fd: RawFd) {
+    let _ = set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+}
+
+/// The local address of a socket.
+///
+/// # Errors
+/// getsockname failures.
+pub(crate) fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    sock_name(fd, false)
+}
+
+/// The peer address of a connected socket.
+///
+/// # Errors
+/// getpeername failures (for example a peer that already reset).
+pub(crate) fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    sock_name(fd, true)
+}
+
+fn sock_name(fd: RawFd, peer: bool) -> io::Result<SocketAddr> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` live on this frame; `len` is its size.
+    check(unsafe {
+        if peer {
+            libc::getpeername(fd, storage.as_mut_ptr().cast(), &mut len)
+        } else {
+            libc::getsockname(fd, storage.as_mut_ptr().cast(), &mut len)
+        }
+    })?;
+    // SAFETY: zero-initialized and then filled by the kernel.
+    let storage = unsafe { storage.assume_init() };
+    from_sockaddr(&storage).ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Half-closes (`SHUT_WR`) or fully shuts down a socket; errors (already reset) are moot.
+pub(crate) fn shutdown(fd: RawFd, write_only: bool) {
+    let how = if write_only {
+        libc::SHUT_WR
+    } else {
+        libc::SHUT_RDWR
+    };
+    // SAFETY: plain syscall on integers.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+/// Closes a file descriptor.
+pub(crate) fn close(fd: RawFd) {
+    // SAFETY: plain syscall; callers close each fd they own exactly once.
+    unsafe { libc::close(fd) };
+}
+
+/// A non-blocking eventfd.
+///
+/// # Errors
+/// eventfd failures (fd limits).
+pub(crate) fn eventfd() -> io::Result<RawFd> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+}
+
+/// Adds one to an eventfd's counter, waking the shard that reads it. Async-signal-safe.
+pub(crate) fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a local; EAGAIN (counter saturated) still leaves it readable.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Pins the calling thread to one CPU.
+///
+/// # Errors
+/// sched_setaffinity failures (a CPU outside the allowed set).
+pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; CPU_SET writes inside it (the index is checked
+    // against its capacity first).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        check(libc::sched_setaffinity(
+            0,
+            size_of::<libc::cpu_set_t>(),
+            &set,
+        ))
+        .map(drop)
+    }
+}
+
+/// The CPUs this process may run on, in order.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` lives on this frame; CPU_ISSET reads inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..8 * size_of::<libc::cpu_set_t>())
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+const MAX_SIGNAL_FDS: usize = 256;
+static SIGNAL_FDS: [AtomicI32; MAX_SIGNAL_FDS] = [const { AtomicI32::new(-1) }; MAX_SIGNAL_FDS];
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM arrived since [`on_shutdown_signal`] was installed.
+pub(crate) fn signalled() -> bool {
+    SIGNALLED.load(Ordering::Acquire)
+}
+
+extern "C" fn handle_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Release);
+    for slot in &SIGNAL_FDS {
+        let fd = slot.load(Ordering::Acquire);
+        if fd >= 0 {
+            wake(fd);
+        }
+    }
+}
+
+/// Makes SIGINT and SIGTERM wake these eventfds (the shards then see [`signalled`]).
+///
+/// # Errors
+/// sigaction failures.
+pub(crate) fn on_shutdown_signal(fds: &[RawFd]) -> io::Result<()> {
+    for (slot, &fd) in SIGNAL_FDS.iter().zip(fds) {
+        slot.store(fd, Ordering::Release);
+    }
+    // SAFETY: installs an async-signal-safe handler (atomics and write(2) only); the
+    // sigaction struct lives on this frame.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handle_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        check(libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut()))?;
+        check(libc::sigaction(
+            libc::SIGTERM,
+            &action,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_share_a_port_with_reuseport() {
+        let first = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(first).unwrap();
+        assert_ne!(addr.port(), 0);
+        let second = listen(&addr, 16).unwrap();
+        assert_eq!(local_addr(second).unwrap(), addr);
+        close(first);
+        close(second);
+    }
+}

@@ -1,0 +1,166 @@
+//! The application's side: the [`Handler`] callbacks and the small types they take and give.
+//!
+//! Callbacks run on a shard thread between completions. They must not block: a blocked
+//! callback stalls every connection of that shard.
+
+use crate::proto::handshake::{HttpError, Request};
+use crate::proto::CloseCode;
+use crate::server::Ws;
+
+/// A whole message, borrowed from the receive buffer (or the reassembly buffer for
+/// fragmented or compressed messages). Copy what you need to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A text message, valid UTF-8.
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
+impl<'a> Message<'a> {
+    /// The payload bytes.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match self {
+            Message::Text(text) => text.as_bytes(),
+            Message::Binary(bytes) => bytes,
+        }
+    }
+}
+
+/// What became of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; the connection's output is below the high-water mark.
+    Queued,
+    /// Queued, but the output is at or above the high-water mark: the shard stops reading
+    /// from this connection until it drains, and `on_drain` will fire.
+    Backpressure,
+    /// Not queued: the connection is closing, or its output is over the hard limit.
+    Dropped,
+}
+
+/// Choices made while accepting an upgrade.
+#[derive(Clone, Debug, Default)]
+pub struct Upgrade {
+    pub(crate) protocol: Option<String>,
+    pub(crate) no_compression: bool,
+}
+
+impl Upgrade {
+    /// Answers with this subprotocol (`Sec-WebSocket-Protocol`). Pick one the client offered
+    /// (see [`Request::subprotocols`]); RFC 6455 §4.2.2 forbids any other.
+    pub fn protocol(&mut self, protocol: &str) {
+        self.protocol = Some(protocol.to_owned());
+    }
+
+    /// Declines permessage-deflate on this connection even if the server enables it.
+    pub fn disable_compression(&mut self) {
+        self.no_compression = true;
+    }
+}
+
+/// A plain HTTP response for a request that is not an upgrade (see [`Handler::on_http`]).
+/// The connection is closed after it is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The reason phrase.
+    pub reason: &'static str,
+    /// The `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// `200 OK` with an HTML body.
+    pub fn html(body: impl Into<Vec<u8>>) -> HttpResponse {
+        HttpResponse {
+            status: 200,
+            reason: "OK",
+            content_type: "text/html; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    /// `200 OK` with a plain-text body.
+    pub fn text(body: impl Into<Vec<u8>>) -> HttpResponse {
+        HttpResponse {
+            status: 200,
+            reason: "OK",
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    /// `404 Not Found`.
+    pub fn not_found() -> HttpResponse {
+        HttpResponse {
+            status: 404,
+            reason: "Not Found",
+            content_type: "text/plain; charset=utf-8",
+            body: b"not found\n".to_vec(),
+        }
+    }
+}
+
+/// The application: callbacks for one server, shared by all shards, each connection with
+/// its own [`Handler::State`].
+///
+/// Order per connection: `on_upgrade`, `on_open`, then any of `on_message`, `on_ping`,
+/// `on_pong`, `on_drain`, and `on_close` exactly once last (for every connection that was
+/// opened).
+pub trait Handler: Send + Sync + 'static {
+    /// Per-connection state, created by [`Handler::on_upgrade`].
+    type State: Send + 'static;
+
+    /// Decides on an upgrade request (routing, origin checks, subprotocol choice via
+    /// `upgrade`). The request was validated against RFC 6455 §4.2.1 already.
+    ///
+    /// # Errors
+    /// An [`HttpError`] to refuse; it is answered and the connection closed.
+    fn on_upgrade(
+        &self,
+        req: &Request<'_>,
+        upgrade: &mut Upgrade,
+    ) -> Result<Self::State, HttpError>;
+
+    /// The connection is open (the 101 answer is queued).
+    fn on_open(&self, ws: &mut Ws<'_, Self::State>) {
+        let _ = ws;
+    }
+
+    /// A whole message arrived.
+    fn on_message(&self, ws: &mut Ws<'_, Self::State>, msg: Message<'_>) {
+        let _ = (ws, msg);
+    }
+
+    /// A ping arrived; the pong is queued already (RFC 6455 §5.5.2).
+    fn on_ping(&self, ws: &mut Ws<'_, Self::State>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+
+    /// A pong arrived.
+    fn on_pong(&self, ws: &mut Ws<'_, Self::State>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+
+    /// The queued output fell below the high-water mark after [`SendStatus::Backpressure`].
+    fn on_drain(&self, ws: &mut Ws<'_, Self::State>) {
+        let _ = ws;
+    }
+
+    /// The connection is closing or gone: `code` is the peer's close code (`None` for an
+    /// empty close frame), the code of our close for a protocol error, or 1006 when TCP
+    /// ended without a close handshake. Sends are dropped from here on.
+    fn on_close(&self, ws: &mut Ws<'_, Self::State>, code: Option<CloseCode>, reason: &str) {
+        let _ = (ws, code, reason);
+    }
+
+    /// A request that is not a WebSocket upgrade. `None` answers 426 Upgrade Required.
+    fn on_http(&self, req: &Request<'_>) -> Option<HttpResponse> {
+        let _ = req;
+        None
+    }
+}
