@@ -1,1 +1,473 @@
-fn main() {}
+//! `ringsock-perf`: a load generator for WebSocket echo servers and side-by-side runs of ringsock
+//! against tokio-websockets, fastwebsockets and tokio-tungstenite. See `perf/README.md`.
+//!
+//! Subcommands:
+//! - `compare`: starts each server as a pinned child, runs the scenario against each in turn
+//!   (round-robin repetitions), prints medians with ratios to ringsock, writes JSON and an SVG
+//!   latency plot to `perf/results/`.
+//! - `bench`: one scenario against a server that is already running (`--addr`, optional `--pid`).
+//! - `instr`: instructions per echoed message under valgrind (cachegrind).
+//! - `serve PEER --addr A` (hidden): runs a peer's echo server; `compare` starts it.
+//!
+//! The binary never links ringsock: it tests the server from outside, over loopback only.
+
+mod generator;
+mod report;
+mod servers;
+mod sys;
+mod wire;
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+
+use generator::{Params, Scenario};
+use report::{Sample, ServerResult};
+use servers::{Kind, Peer, ServerProc};
+
+const USAGE: &str = "\
+usage:
+  ringsock-perf compare [options]   start ringsock and the peers, run each in turn, compare
+  ringsock-perf bench --addr HOST:PORT [--pid PID] [options]   run against a running server
+  ringsock-perf instr [--messages N] [options]   instructions per message under valgrind
+
+options:
+  --scenario rtt|throughput|big|chop|connections   (default throughput)
+  --conns N          client connections (rtt 1, throughput 100, big 1, chop 1, connections 10000)
+  --inflight N       messages in flight per connection (throughput 16, else 1)
+  --size LIST        payload sizes, e.g. 16,64,1k,64KiB,16M (rtt/throughput 16, big 16M, chop 1M)
+  --fragment LIST    big: fragment payload sizes, 0 = whole message (default 0)
+  --chop LIST        chop: bytes per write call (default 64)
+  --duration SECS    measured seconds per run (default 5)
+  --warmup SECS      unmeasured seconds before (default 1)
+  --reps N           compare: repetitions, round-robin over the servers (default 3)
+  --servers LIST     compare/instr: subset of ringsock,tokio-websockets,fastwebsockets,tokio-tungstenite
+  --ringsock-bin P   ringsock echo binary (default target/release/examples/echo)
+  --server-core N    core the servers are pinned to (default 0)
+  --gen-core N       core the generator is pinned to (default 1)
+  --messages N       instr: echoes per measured run (default 20000)
+  --out DIR          where JSON and SVG go (default perf/results)
+  --json             print JSON on stdout (the table goes to stderr)
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    sys::install_signal_handlers();
+    let result = match argv.first().map(String::as_str) {
+        Some("serve") => serve_cmd(&argv[1..]),
+        Some("compare") => Args::parse(&argv[1..]).and_then(|a| compare_cmd(&a)),
+        Some("bench") => Args::parse(&argv[1..]).and_then(|a| bench_cmd(&a)),
+        Some("instr") => Args::parse(&argv[1..]).and_then(|a| instr_cmd(&a)),
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            generator::progress_done();
+            eprintln!("ringsock-perf: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--key value` options and `--flag` switches.
+struct Args {
+    values: HashMap<String, String>,
+    json: bool,
+}
+
+impl Args {
+    fn parse(argv: &[String]) -> Result<Args, String> {
+        let mut values = HashMap::new();
+        let mut json = false;
+        let mut it = argv.iter();
+        while let Some(arg) = it.next() {
+            let Some(key) = arg.strip_prefix("--") else {
+                return Err(format!("unexpected argument {arg:?}\n{USAGE}"));
+            };
+            if key == "json" {
+                json = true;
+                continue;
+            }
+            let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+            values.insert(key.to_string(), value.clone());
+        }
+        Ok(Args { values, json })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    fn num(&self, key: &str, default: u64) -> Result<u64, String> {
+        match self.get(key) {
+            Some(v) => parse_size(v).ok_or_else(|| format!("--{key}: not a number: {v:?}")),
+            None => Ok(default),
+        }
+    }
+
+    fn secs(&self, key: &str, default: f64) -> Result<Duration, String> {
+        let v = match self.get(key) {
+            Some(v) => v
+                .parse::<f64>()
+                .map_err(|_| format!("--{key}: not seconds: {v:?}"))?,
+            None => default,
+        };
+        Duration::try_from_secs_f64(v).map_err(|e| format!("--{key}: {e}"))
+    }
+
+    fn list(&self, key: &str, default: u64) -> Result<Vec<u64>, String> {
+        match self.get(key) {
+            Some(v) => v
+                .split(',')
+                .map(|s| parse_size(s).ok_or_else(|| format!("--{key}: bad value {s:?}")))
+                .collect(),
+            None => Ok(vec![default]),
+        }
+    }
+
+    /// The cases (one `Params` per size × fragment × chop) that the options describe.
+    fn cases(&self, addr: SocketAddr) -> Result<Vec<Params>, String> {
+        let name = self.get("scenario").unwrap_or("throughput");
+        let scenario = Scenario::parse(name).ok_or_else(|| format!("unknown scenario {name:?}"))?;
+        let (conns, inflight, size) = match scenario {
+            Scenario::Rtt => (1, 1, 16),
+            Scenario::Throughput => (100, 16, 16),
+            Scenario::Big => (1, 1, 16 << 20),
+            Scenario::Chop => (1, 1, 1 << 20),
+            Scenario::Connections => (10_000, 1, 16),
+        };
+        let conns = self.num("conns", conns)? as usize;
+        let inflight = self.num("inflight", inflight)? as usize;
+        if conns == 0 || inflight == 0 {
+            return Err("--conns and --inflight must be at least 1".into());
+        }
+        let chops = if scenario == Scenario::Chop {
+            self.list("chop", 64)?
+        } else {
+            vec![0]
+        };
+        let fragments = if scenario == Scenario::Big {
+            self.list("fragment", 0)?
+        } else {
+            vec![0]
+        };
+        let mut cases = Vec::new();
+        for &size in &self.list("size", size)? {
+            for &fragment in &fragments {
+                for &chop in &chops {
+                    if size > 64 << 20 {
+                        return Err("sizes above 64 MiB are not supported".into());
+                    }
+                    if fragment > 0 && (size as usize).div_ceil(fragment as usize) > 65536 {
+                        eprintln!(
+                            "note: {size} B in {fragment} B fragments is more than 65536 frames; \
+                             servers may refuse it"
+                        );
+                    }
+                    cases.push(Params {
+                        addr,
+                        scenario,
+                        conns,
+                        inflight,
+                        size: size as usize,
+                        fragment: fragment as usize,
+                        chop: chop as usize,
+                        duration: self.secs("duration", 5.0)?,
+                        warmup: self.secs("warmup", 1.0)?,
+                        messages: None,
+                        server_pid: None,
+                        label: String::new(),
+                        open_window: 128,
+                    });
+                }
+            }
+        }
+        Ok(cases)
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        match self.get("out") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("results"),
+        }
+    }
+
+    fn servers(&self) -> Result<Vec<Kind>, String> {
+        let default_bin =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/examples/echo");
+        let bin = self
+            .get("ringsock-bin")
+            .map(PathBuf::from)
+            .unwrap_or(default_bin);
+        let names = self
+            .get("servers")
+            .unwrap_or("ringsock,tokio-websockets,fastwebsockets,tokio-tungstenite");
+        let mut kinds = Vec::new();
+        for name in names.split(',') {
+            if name == "ringsock" {
+                if bin.exists() {
+                    kinds.push(Kind::Ringsock(bin.clone()));
+                } else {
+                    eprintln!(
+                        "note: {} missing (cargo build --release --example echo); ringsock \
+                         skipped, no ratios",
+                        bin.display()
+                    );
+                }
+            } else {
+                kinds.push(Kind::Peer(
+                    Peer::parse(name).ok_or_else(|| format!("unknown server {name:?}"))?,
+                ));
+            }
+        }
+        Ok(kinds)
+    }
+}
+
+/// `16`, `64k`, `64KiB`, `16M`, `1MiB` → bytes (binary multiples).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Pins the generator and raises the fd limit (inherited by the servers started later).
+fn prepare(args: &Args) -> Result<(), String> {
+    let core = args.num("gen-core", 1)? as usize;
+    if let Err(e) = sys::pin_to_core(core) {
+        eprintln!("note: cannot pin the generator to core {core}: {e}");
+    }
+    let limit = sys::raise_fd_limit().map_err(|e| format!("setrlimit(NOFILE): {e}"))?;
+    if let Some(c) = args.get("conns").and_then(|v| v.parse::<u64>().ok()) {
+        if c + 64 > limit {
+            return Err(format!(
+                "--conns {c} needs more fds than the hard limit {limit}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn compare_cmd(args: &Args) -> Result<(), String> {
+    prepare(args)?;
+    let kinds = args.servers()?;
+    let reps = args.num("reps", 3)?.max(1) as usize;
+    let core = args.num("server-core", 0)? as usize;
+    let cases = args.cases(servers::free_addr()?)?;
+    let mut documents = Vec::new();
+    for case in &cases {
+        let mut results: Vec<ServerResult> = kinds
+            .iter()
+            .map(|k| ServerResult {
+                name: k.name().into(),
+                samples: Vec::new(),
+                merged: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds"),
+            })
+            .collect();
+        for rep in 0..reps {
+            for (kind, result) in kinds.iter().zip(&mut results) {
+                let addr = servers::free_addr()?;
+                let server =
+                    ServerProc::start(kind, addr, Some(core), &[], Duration::from_secs(10))?;
+                let mut p = case.clone();
+                p.addr = addr;
+                p.server_pid = Some(server.pid());
+                p.label = format!("{} rep {}/{reps}", kind.name(), rep + 1);
+                let outcome = generator::run(&p)
+                    .map_err(|e| format!("{} ({}): {e}", kind.name(), p.label))?;
+                drop(server);
+                result.samples.push(Sample::from_outcome(&p, &outcome));
+                let _ = result.merged.add(&outcome.latency);
+            }
+        }
+        documents.push(emit(args, case, &results, reps)?);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&documents).map_err(|e| e.to_string())?
+        );
+    }
+    Ok(())
+}
+
+fn bench_cmd(args: &Args) -> Result<(), String> {
+    prepare(args)?;
+    let addr: SocketAddr = args
+        .get("addr")
+        .ok_or("bench needs --addr HOST:PORT")?
+        .parse()
+        .map_err(|e| format!("--addr: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err("only loopback addresses are allowed".into());
+    }
+    let pid = match args.get("pid") {
+        Some(v) => Some(v.parse::<u32>().map_err(|e| format!("--pid: {e}"))?),
+        None => None,
+    };
+    let mut documents = Vec::new();
+    for mut p in args.cases(addr)? {
+        p.server_pid = pid;
+        p.label = "server".into();
+        let outcome = generator::run(&p)?;
+        let mut merged = Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds");
+        let _ = merged.add(&outcome.latency);
+        let result = ServerResult {
+            name: args.get("name").unwrap_or("server").into(),
+            samples: vec![Sample::from_outcome(&p, &outcome)],
+            merged,
+        };
+        documents.push(emit(args, &p, &[result], 1)?);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&documents).map_err(|e| e.to_string())?
+        );
+    }
+    Ok(())
+}
+
+/// Prints the table (stdout, or stderr under `--json`) and writes the case's JSON and SVG.
+fn emit(
+    args: &Args,
+    p: &Params,
+    results: &[ServerResult],
+    reps: usize,
+) -> Result<serde_json::Value, String> {
+    let table = report::table(p, results, reps);
+    if args.json {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    let doc = report::case_json(p, results, reps);
+    let dir = args.out_dir();
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = dir.join(format!("{stamp}-{}", report::case_slug(p)));
+    let json_text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    fs::write(base.with_extension("json"), json_text).map_err(|e| e.to_string())?;
+    if p.scenario != Scenario::Connections {
+        let title = format!("{} - latency by percentile", report::case_title(p));
+        fs::write(base.with_extension("svg"), report::svg(&title, results))
+            .map_err(|e| e.to_string())?;
+    }
+    eprintln!("results: {}.{{json,svg}}", base.display());
+    Ok(doc)
+}
+
+/// Instructions per echoed message: each server runs under cachegrind twice, for N and 2N
+/// echoes; the difference over N cancels start-up, handshake and shutdown.
+fn instr_cmd(args: &Args) -> Result<(), String> {
+    prepare(args)?;
+    let kinds = args.servers()?;
+    let n = args.num("messages", 20_000)?.max(1);
+    let core = args.num("server-core", 0)? as usize;
+    let out = args.out_dir();
+    fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let mut case = args.cases(servers::free_addr()?)?.remove(0);
+    if case.scenario == Scenario::Connections {
+        return Err("instr runs a message scenario, not connections".into());
+    }
+    case.duration = Duration::from_secs(600);
+    println!(
+        "\n## instructions per echoed message (valgrind cachegrind): {}",
+        report::case_title(&case)
+    );
+    println!(
+        "{:<18} {:>14} {:>14} {:>12}",
+        "server", "Ir (N)", "Ir (2N)", "Ir/msg"
+    );
+    for kind in &kinds {
+        let mut counts = Vec::new();
+        for count in [n, 2 * n] {
+            let file = out.join(format!("cachegrind-{}-{count}.out", kind.name()));
+            let _ = fs::remove_file(&file);
+            let wrapper = vec![
+                "valgrind".to_string(),
+                "--tool=cachegrind".into(),
+                "--cache-sim=no".into(),
+                format!("--cachegrind-out-file={}", file.display()),
+            ];
+            let addr = servers::free_addr()?;
+            let mut server =
+                ServerProc::start(kind, addr, Some(core), &wrapper, Duration::from_secs(120))?;
+            let mut p = case.clone();
+            p.addr = addr;
+            p.messages = Some(count);
+            p.server_pid = Some(server.pid());
+            p.label = format!("{} under valgrind, {count} msgs", kind.name());
+            generator::run(&p).map_err(|e| format!("{}: {e}", kind.name()))?;
+            // Let the server see the close frames before it is stopped.
+            std::thread::sleep(Duration::from_millis(500));
+            server.stop(Duration::from_secs(60));
+            counts.push(read_ir(&file)?);
+        }
+        let per = (counts[1] as f64 - counts[0] as f64) / n as f64;
+        println!(
+            "{:<18} {:>14} {:>14} {:>12.0}",
+            kind.name(),
+            counts[0],
+            counts[1],
+            per
+        );
+    }
+    Ok(())
+}
+
+/// The total instruction count (`summary:` line) of a cachegrind output file.
+fn read_ir(file: &Path) -> Result<u64, String> {
+    let text = fs::read_to_string(file)
+        .map_err(|e| format!("{}: {e} (did valgrind run the server?)", file.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("{}: no summary line", file.display()))
+}
+
+/// `serve PEER --addr ADDR`.
+fn serve_cmd(argv: &[String]) -> Result<(), String> {
+    let peer = argv
+        .first()
+        .and_then(|n| Peer::parse(n))
+        .ok_or("serve needs a peer name")?;
+    let args = Args::parse(&argv[1..])?;
+    let addr: SocketAddr = args
+        .get("addr")
+        .ok_or("serve needs --addr")?
+        .parse()
+        .map_err(|e| format!("--addr: {e}"))?;
+    servers::serve(peer, addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_size_accepts_binary_suffixes() {
+        assert_eq!(parse_size("16"), Some(16));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("12x"), None);
+    }
+}

@@ -1,0 +1,552 @@
+//! The load generator: one thread, one mio (epoll) loop, C client connections over loopback.
+//!
+//! Each connection does a real opening handshake, then keeps up to `inflight` prebuilt masked
+//! messages outstanding; every echo is verified byte-exact by [`wire::Reader`]. Writes are
+//! batched: completions of one epoll wakeup refill the connection's queue, and each dirty
+//! connection is flushed with one `writev` at the end of the wakeup. A mismatch, a protocol
+//! violation or a lost connection ends the run with an `Err`; the caller exits non-zero.
+
+use std::collections::VecDeque;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::sys;
+use crate::wire::{self, Pending, Pool, Reader, Rng};
+
+/// What the generator does once its connections are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// One message in flight per connection; latency of small to medium messages.
+    Rtt,
+    /// `conns × inflight` messages in flight; messages per second.
+    Throughput,
+    /// 64 KiB–16 MiB messages, whole or fragmented; bytes per second.
+    Big,
+    /// One big message written in small `write` calls (chops).
+    Chop,
+    /// N idle connections; server memory per connection.
+    Connections,
+}
+
+impl Scenario {
+    /// Parses a scenario name as given on the command line.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "rtt" => Scenario::Rtt,
+            "throughput" => Scenario::Throughput,
+            "big" => Scenario::Big,
+            "chop" => Scenario::Chop,
+            "connections" => Scenario::Connections,
+            _ => return None,
+        })
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Rtt => "rtt",
+            Scenario::Throughput => "throughput",
+            Scenario::Big => "big",
+            Scenario::Chop => "chop",
+            Scenario::Connections => "connections",
+        }
+    }
+}
+
+/// One run's settings.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// The echo server.
+    pub addr: SocketAddr,
+    /// What to do.
+    pub scenario: Scenario,
+    /// Client connections.
+    pub conns: usize,
+    /// Messages outstanding per connection.
+    pub inflight: usize,
+    /// Payload bytes per message.
+    pub size: usize,
+    /// Fragment payload size (0: one frame per message).
+    pub fragment: usize,
+    /// Bytes per `write` call (0: as much as the socket takes).
+    pub chop: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+    /// Stop after this many echoes instead of after `duration` (no warmup).
+    pub messages: Option<u64>,
+    /// The server's pid, for its CPU time and memory.
+    pub server_pid: Option<u32>,
+    /// Shown in the progress line.
+    pub label: String,
+    /// Handshakes in progress at once while opening connections.
+    pub open_window: usize,
+}
+
+/// A run's measurements.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Echoes completed in the measured window.
+    pub messages: u64,
+    /// Length of the measured window.
+    pub seconds: f64,
+    /// Send-to-echo latency of each measured message, in ns.
+    pub latency: Histogram<u64>,
+    /// Server CPU time in the window (all its threads).
+    pub server_cpu_ns: Option<u64>,
+    /// The generator's own CPU time in the window.
+    pub generator_cpu_ns: u64,
+    /// Server memory before and after opening the connections (connections scenario).
+    pub memory: Option<(sys::Memory, sys::Memory)>,
+    /// Time taken to open and handshake all connections.
+    pub connect_seconds: f64,
+}
+
+/// Queue entry standing for the close frame rather than a pool variant.
+const CLOSE: usize = usize::MAX;
+/// Most iovecs passed to one `writev`.
+const MAX_IOV: usize = 64;
+/// How long echoes may take to arrive after the window closes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long opening all connections may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One client connection.
+struct Conn {
+    sock: mio::net::TcpStream,
+    key: String,
+    /// Handshake response bytes while the handshake is in progress; `None` once open.
+    handshake: Option<Vec<u8>>,
+    reader: Reader,
+    pending: VecDeque<Pending>,
+    /// (pool variant or [`CLOSE`], bytes of it already written).
+    out: VecDeque<(usize, usize)>,
+    next_variant: usize,
+    dirty: bool,
+}
+
+/// Runs one scenario against the server at `p.addr`.
+///
+/// # Errors
+///
+/// Any failure to connect, a failed handshake, a protocol violation, an echo that differs from
+/// what was sent, a connection the server drops, or a timeout; also ctrl-c.
+pub fn run(p: &Params) -> Result<Outcome, String> {
+    let pool = Pool::new(p.size, p.fragment, 0x5EED ^ p.size as u64);
+    let mut rng = Rng::new(std::process::id() as u64 ^ 0xC0FFEE);
+    let close = wire::close_wire(&mut rng);
+    let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
+    let mut events = Events::with_capacity(1024);
+    let mut rbuf = vec![0u8; 256 * 1024];
+    let mut conns: Vec<Conn> = Vec::with_capacity(p.conns);
+    let mut dirty: Vec<usize> = Vec::with_capacity(p.conns);
+    let host = p.addr.to_string();
+
+    let memory_before = match (p.scenario, p.server_pid) {
+        (Scenario::Connections, Some(pid)) => Some(sys::memory(pid).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+
+    // Phase 1: open the connections, at most `open_window` handshakes at a time so the server's
+    // accept queue never overflows (a dropped SYN would cost a 1 s retransmit).
+    let start = Instant::now();
+    let mut open = 0usize;
+    let mut last_progress = start;
+    while open < p.conns {
+        while conns.len() < p.conns && conns.len() - open < p.open_window {
+            let token = Token(conns.len());
+            conns.push(connect(p.addr, &host, &mut rng, &poll, token)?);
+        }
+        poll.poll(&mut events, Some(Duration::from_millis(10)))
+            .map_err(|e| format!("epoll_wait: {e}"))?;
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let conn = &mut conns[i];
+            if conn.handshake.is_some() {
+                if read_handshake(conn, &mut rbuf)? {
+                    open += 1;
+                }
+            } else if ev.is_readable() {
+                return Err(format!("connection {i}: data before any message was sent"));
+            }
+        }
+        if sys::interrupted() {
+            return Err("interrupted".into());
+        }
+        if start.elapsed() > CONNECT_TIMEOUT {
+            return Err(format!(
+                "only {open} of {} connections open after 120 s",
+                p.conns
+            ));
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            progress(&format!("{}: {open}/{} connections open", p.label, p.conns));
+        }
+    }
+    let connect_seconds = start.elapsed().as_secs_f64();
+
+    let mut memory = None;
+    if let (Some(before), Some(pid)) = (memory_before, p.server_pid) {
+        // Let the server finish per-connection setup that follows the handshake.
+        pump_idle(&mut poll, &mut events, Duration::from_millis(500))?;
+        let after = sys::memory(pid).map_err(|e| e.to_string())?;
+        memory = Some((before, after));
+    }
+
+    // Phase 2: load. The connections scenario sends one message per connection afterwards, so
+    // every idle connection is shown to be alive.
+    let (inflight, warmup, duration, limit) = match p.scenario {
+        Scenario::Connections => (
+            1,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            Some(p.conns as u64),
+        ),
+        _ if p.messages.is_some() => (p.inflight, Duration::ZERO, p.duration, p.messages),
+        _ => (p.inflight, p.warmup, p.duration, None),
+    };
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
+    let load_start = Instant::now();
+    let window_start = load_start + warmup;
+    let window_end = window_start + duration;
+    let mut measuring = warmup.is_zero();
+    let mut cpu0 = cpu_now(p.server_pid);
+    let mut cpu1 = None;
+    let mut measured_at = load_start;
+    let mut stopped_at = None;
+    let mut sent = 0u64;
+    let mut completed = 0u64;
+    let mut measured = 0u64;
+    let mut last_count = 0u64;
+    let mut last_progress = load_start;
+    for (i, conn) in conns.iter_mut().enumerate() {
+        conn.dirty = true;
+        dirty.push(i);
+    }
+    loop {
+        let now = Instant::now();
+        // Refill and flush every connection touched in the last wakeup: one writev each.
+        for &i in &dirty {
+            let conn = &mut conns[i];
+            conn.dirty = false;
+            while stopped_at.is_none()
+                && conn.pending.len() < inflight
+                && limit.is_none_or(|l| sent < l)
+            {
+                let variant = conn.next_variant;
+                conn.next_variant = (variant + 1) % pool.variants();
+                conn.pending.push_back(Pending { variant, sent: now });
+                conn.out.push_back((variant, 0));
+                sent += 1;
+            }
+            flush(conn, &pool, &close, p.chop).map_err(|e| format!("connection {i}: {e}"))?;
+        }
+        dirty.clear();
+
+        let timeout = if stopped_at.is_some() { 10 } else { 5 };
+        poll.poll(&mut events, Some(Duration::from_millis(timeout)))
+            .map_err(|e| format!("epoll_wait: {e}"))?;
+        let now = Instant::now();
+        if !measuring && now >= window_start {
+            measuring = true;
+            measured_at = now;
+            cpu0 = cpu_now(p.server_pid);
+            latency.reset();
+            measured = 0;
+        }
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let conn = &mut conns[i];
+            if ev.is_readable() {
+                let fd = conn.sock.as_raw_fd();
+                loop {
+                    let n = read_fd(fd, &mut rbuf).map_err(|e| format!("connection {i}: {e}"))?;
+                    let Some(n) = n else { break };
+                    if n == 0 {
+                        return Err(format!(
+                            "connection {i}: server closed the connection with {} echoes \
+                             outstanding",
+                            conn.pending.len()
+                        ));
+                    }
+                    let counting = measuring && stopped_at.is_none();
+                    conn.reader
+                        .feed(&rbuf[..n], &pool, &mut conn.pending, |done| {
+                            completed += 1;
+                            if counting {
+                                measured += 1;
+                                let ns = now.saturating_duration_since(done.sent).as_nanos();
+                                latency.saturating_record(ns.max(1) as u64);
+                            }
+                        })
+                        .map_err(|e| format!("connection {i}: {e}"))?;
+                    // A short read drained the socket; edge-triggered epoll reports new data.
+                    if n < rbuf.len() {
+                        break;
+                    }
+                }
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                dirty.push(i);
+            }
+        }
+
+        if sys::interrupted() {
+            return Err("interrupted".into());
+        }
+        if stopped_at.is_none() {
+            let done = match limit {
+                Some(l) => completed >= l,
+                None => measuring && now >= window_end,
+            };
+            if done {
+                stopped_at = Some(now);
+                cpu1 = Some(cpu_now(p.server_pid));
+            } else if limit.is_some() && now >= load_start + duration {
+                return Err(format!(
+                    "only {completed} of {sent} echoes after {duration:?}"
+                ));
+            }
+        }
+        if let Some(stop) = stopped_at {
+            let outstanding: usize = conns.iter().map(|c| c.pending.len()).sum();
+            if outstanding == 0 {
+                break;
+            }
+            if now.duration_since(stop) > DRAIN_TIMEOUT {
+                return Err(format!(
+                    "{outstanding} echoes still missing 20 s after the run"
+                ));
+            }
+        }
+        if now.duration_since(last_progress) >= Duration::from_secs(1) {
+            let rate =
+                (completed - last_count) as f64 / now.duration_since(last_progress).as_secs_f64();
+            last_progress = now;
+            last_count = completed;
+            progress(&format!(
+                "{}: {:.0} s, {} msg/s{}",
+                p.label,
+                now.duration_since(load_start).as_secs_f64(),
+                si(rate),
+                if measuring { "" } else { " (warm-up)" }
+            ));
+        }
+    }
+    let stop = stopped_at.unwrap_or(measured_at);
+    let seconds = stop.duration_since(measured_at).as_secs_f64();
+    let (server_cpu_ns, generator_cpu_ns) = match (cpu0, cpu1) {
+        ((s0, g0), Some((s1, g1))) => (s1.zip(s0).map(|(b, a)| b.saturating_sub(a)), g1 - g0),
+        _ => (None, 0),
+    };
+
+    // Phase 3: a clean close (RFC 6455 §7.1.2) on each connection; replies are not awaited.
+    for (i, conn) in conns.iter_mut().enumerate() {
+        conn.out.push_back((CLOSE, 0));
+        flush(conn, &pool, &close, 0).map_err(|e| format!("connection {i} close: {e}"))?;
+    }
+    progress_done();
+    Ok(Outcome {
+        messages: if p.scenario == Scenario::Connections {
+            completed
+        } else {
+            measured
+        },
+        seconds,
+        latency,
+        server_cpu_ns,
+        generator_cpu_ns,
+        memory,
+        connect_seconds,
+    })
+}
+
+/// Opens one connection: TCP_NODELAY, the upgrade request written, then non-blocking in mio.
+fn connect(
+    addr: SocketAddr,
+    host: &str,
+    rng: &mut Rng,
+    poll: &Poll,
+    token: Token,
+) -> Result<Conn, String> {
+    let mut std_sock = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("connect to {addr} (connection {}): {e}", token.0))?;
+    std_sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    let key = wire::new_key(rng);
+    // The ~200-byte request always fits in a fresh socket's send buffer.
+    std_sock
+        .write_all(&wire::request(host, &key))
+        .map_err(|e| format!("handshake write: {e}"))?;
+    std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut sock = mio::net::TcpStream::from_std(std_sock);
+    poll.registry()
+        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
+    Ok(Conn {
+        sock,
+        key,
+        handshake: Some(Vec::new()),
+        reader: Reader::default(),
+        pending: VecDeque::new(),
+        out: VecDeque::new(),
+        next_variant: 0,
+        dirty: false,
+    })
+}
+
+/// Reads handshake response bytes; returns `true` once the response is complete and valid.
+fn read_handshake(conn: &mut Conn, rbuf: &mut [u8]) -> Result<bool, String> {
+    let fd = conn.sock.as_raw_fd();
+    let Some(buf) = conn.handshake.as_mut() else {
+        return Ok(true);
+    };
+    while let Some(n) = read_fd(fd, rbuf).map_err(|e| format!("handshake read: {e}"))? {
+        if n == 0 {
+            return Err("server closed the connection during the handshake".into());
+        }
+        buf.extend_from_slice(&rbuf[..n]);
+        if let Some(used) = wire::check_response(buf, &conn.key)? {
+            if used != buf.len() {
+                return Err("server sent frames before any message".into());
+            }
+            conn.handshake = None;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Writes as much of the connection's queue as the socket takes: one `writev` over up to
+/// [`MAX_IOV`] queued messages, or with `chop > 0`, repeated writes of at most `chop` bytes.
+fn flush(conn: &mut Conn, pool: &Pool, close: &[u8], chop: usize) -> io::Result<()> {
+    let fd = conn.sock.as_raw_fd();
+    let wire_of = |v: usize| if v == CLOSE { close } else { pool.wire(v) };
+    while !conn.out.is_empty() {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut count = 0;
+        let mut total = 0;
+        for &(v, off) in conn.out.iter().take(MAX_IOV) {
+            let mut bytes = &wire_of(v)[off..];
+            if chop > 0 {
+                bytes = &bytes[..bytes.len().min(chop - total)];
+            }
+            iov[count] = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            };
+            count += 1;
+            total += bytes.len();
+            if chop > 0 && total == chop {
+                break;
+            }
+        }
+        // SAFETY: each iovec points into a pool wire or the close frame, which outlive the call
+        // and are only read by writev; `count <= MAX_IOV`.
+        let rc = unsafe { libc::writev(fd, iov.as_ptr(), count as libc::c_int) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::WouldBlock => return Ok(()),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(err),
+            }
+        }
+        let mut left = rc as usize;
+        while left > 0 {
+            let Some(front) = conn.out.front_mut() else {
+                break;
+            };
+            let rest = wire_of(front.0).len() - front.1;
+            if left >= rest {
+                left -= rest;
+                conn.out.pop_front();
+            } else {
+                front.1 += left;
+                left = 0;
+            }
+        }
+        if (rc as usize) < total {
+            // The socket buffer is full; the next writable edge resumes.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// One `read`; `Ok(None)` when the socket has no data (EAGAIN).
+fn read_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: `buf` is valid and writable for `buf.len()` bytes for the duration of the call.
+        let rc = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        if rc >= 0 {
+            return Ok(Some(rc as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Keeps the loop alive (for `d`) while waiting, failing on any unexpected server data.
+fn pump_idle(poll: &mut Poll, events: &mut Events, d: Duration) -> Result<(), String> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        poll.poll(events, Some(Duration::from_millis(50)))
+            .map_err(|e| format!("epoll: {e}"))?;
+        if events.iter().any(|e| e.is_readable()) {
+            return Err("server sent data on an idle connection".into());
+        }
+        if sys::interrupted() {
+            return Err("interrupted".into());
+        }
+    }
+    Ok(())
+}
+
+/// (server CPU ns, generator CPU ns) now.
+fn cpu_now(pid: Option<u32>) -> (Option<u64>, u64) {
+    (
+        pid.and_then(|p| sys::process_cpu_ns(p).ok()),
+        sys::self_cpu_ns(),
+    )
+}
+
+/// Rewrites the progress line on stderr.
+pub fn progress(text: &str) {
+    let mut err = io::stderr().lock();
+    let _ = write!(err, "\r{text}\x1b[K");
+    let _ = err.flush();
+}
+
+/// Clears the progress line.
+pub fn progress_done() {
+    let _ = write!(io::stderr().lock(), "\r\x1b[K");
+}
+
+/// `1234567.0` as `1.23M`.
+pub fn si(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.2}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}

@@ -1,0 +1,331 @@
+//! The servers under test: the peers' echo servers (run in-process by the hidden `serve`
+//! subcommand) and [`ServerProc`], a pinned child process that is always killed when dropped.
+//!
+//! Each peer runs in its fastest single-threaded setup: a tokio current_thread runtime,
+//! TCP_NODELAY, no compression, limits raised to carry 16 MiB messages in up to 65536 fragments.
+//! The echo loops are written the way each crate's own echo example is, with write batching
+//! where the crate offers it (feed, then flush when the read side would block).
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::task::{ready, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::{Sink, Stream};
+use tokio::net::TcpListener;
+
+/// Largest message the peers are configured to accept: the biggest scenario uses 16 MiB.
+const MAX_MESSAGE: usize = 32 << 20;
+
+/// A server the comparison can start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// ringsock's `examples/echo`, run from the given binary with `--shards 1`.
+    Ringsock(PathBuf),
+    /// A peer, run by this binary's `serve` subcommand.
+    Peer(Peer),
+}
+
+/// The peer crates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// tokio-websockets 0.13.
+    TokioWebsockets,
+    /// fastwebsockets 0.10 behind hyper 1.
+    Fastwebsockets,
+    /// tokio-tungstenite 0.30.
+    TokioTungstenite,
+}
+
+impl Peer {
+    /// Every peer, in table order.
+    pub const ALL: [Peer; 3] = [
+        Peer::TokioWebsockets,
+        Peer::Fastwebsockets,
+        Peer::TokioTungstenite,
+    ];
+
+    /// The name used on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::TokioWebsockets => "tokio-websockets",
+            Peer::Fastwebsockets => "fastwebsockets",
+            Peer::TokioTungstenite => "tokio-tungstenite",
+        }
+    }
+
+    /// Parses a peer name.
+    pub fn parse(name: &str) -> Option<Peer> {
+        Peer::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl Kind {
+    /// The name used in tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Ringsock(_) => "ringsock",
+            Kind::Peer(p) => p.name(),
+        }
+    }
+
+    /// The command line that starts this server on `addr`.
+    fn command(&self, addr: SocketAddr) -> io::Result<(PathBuf, Vec<String>)> {
+        let addr = addr.to_string();
+        Ok(match self {
+            Kind::Ringsock(bin) => (
+                bin.clone(),
+                vec!["--addr".into(), addr, "--shards".into(), "1".into()],
+            ),
+            Kind::Peer(p) => (
+                std::env::current_exe()?,
+                vec!["serve".into(), p.name().into(), "--addr".into(), addr],
+            ),
+        })
+    }
+}
+
+/// A running server child. Dropping it kills the child (SIGTERM, then SIGKILL after 2 s); the
+/// child also gets SIGKILL if this process dies (PR_SET_PDEATHSIG).
+#[derive(Debug)]
+pub struct ServerProc {
+    child: Child,
+}
+
+impl ServerProc {
+    /// Starts `kind` on `addr`, pinned to `core` if given, optionally under `wrapper` (e.g.
+    /// valgrind), and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// The binary cannot be started, or does not accept connections within `ready_timeout`.
+    pub fn start(
+        kind: &Kind,
+        addr: SocketAddr,
+        core: Option<usize>,
+        wrapper: &[String],
+        ready_timeout: Duration,
+    ) -> Result<ServerProc, String> {
+        let (bin, args) = kind.command(addr).map_err(|e| e.to_string())?;
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (prctl, sched_setaffinity); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(core) = core {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(core, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", bin.display()))?;
+        let mut server = ServerProc { child };
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(server);
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("{} exited at start: {status}", kind.name()));
+            }
+            if start.elapsed() > ready_timeout || crate::sys::interrupted() {
+                return Err(format!(
+                    "{} not accepting on {addr} after {ready_timeout:?}",
+                    kind.name()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the child: SIGTERM, then SIGKILL if it has not exited after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet (try_wait above
+        // returned no status), so the pid cannot have been reused.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+/// A free loopback port: bind port 0, note the port, release it.
+pub fn free_addr() -> Result<SocketAddr, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map_err(|e| e.to_string())
+}
+
+/// Entry point of `serve PEER --addr ADDR`: runs that peer's echo server until killed.
+///
+/// # Errors
+///
+/// The address cannot be bound.
+pub fn serve(peer: Peer, addr: SocketAddr) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            // Each crate's example runs the connection task unconstrained (no coop budget).
+            tokio::spawn(tokio::task::unconstrained(async move {
+                match peer {
+                    Peer::TokioWebsockets => tokio_websockets_conn(stream).await,
+                    Peer::Fastwebsockets => fastwebsockets_conn(stream).await,
+                    Peer::TokioTungstenite => tokio_tungstenite_conn(stream).await,
+                }
+            }));
+        }
+    })
+}
+
+/// tokio-websockets: `ServerBuilder::accept`, whole-message frames out, batched echo.
+async fn tokio_websockets_conn(stream: tokio::net::TcpStream) {
+    let builder = tokio_websockets::ServerBuilder::new()
+        .config(tokio_websockets::Config::default().frame_size(MAX_MESSAGE))
+        .limits(tokio_websockets::Limits::default().max_payload_len(Some(MAX_MESSAGE)));
+    let Ok((_, ws)) = builder.accept(stream).await else {
+        return;
+    };
+    echo_batched(ws, |m: &tokio_websockets::Message| {
+        m.is_binary() || m.is_text()
+    })
+    .await;
+}
+
+/// tokio-tungstenite: `accept_async_with_config`, batched echo.
+async fn tokio_tungstenite_conn(stream: tokio::net::TcpStream) {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
+        return;
+    };
+    echo_batched(ws, |m: &tokio_tungstenite::tungstenite::Message| {
+        m.is_binary() || m.is_text()
+    })
+    .await;
+}
+
+/// fastwebsockets behind hyper 1's upgrade, with `FragmentCollector` as in its echo example.
+async fn fastwebsockets_conn(stream: tokio::net::TcpStream) {
+    use hyper::service::service_fn;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let service = service_fn(
+        |mut req: hyper::Request<hyper::body::Incoming>| async move {
+            let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
+            tokio::spawn(tokio::task::unconstrained(async move {
+                let Ok(mut ws) = fut.await else { return };
+                ws.set_max_message_size(MAX_MESSAGE);
+                ws.set_auto_close(true);
+                ws.set_auto_pong(true);
+                let mut ws = fastwebsockets::FragmentCollector::new(ws);
+                while let Ok(frame) = ws.read_frame().await {
+                    use fastwebsockets::OpCode;
+                    let echo = matches!(frame.opcode, OpCode::Text | OpCode::Binary);
+                    if frame.opcode == OpCode::Close
+                        || (echo && ws.write_frame(frame).await.is_err())
+                    {
+                        break;
+                    }
+                }
+            }));
+            Ok::<_, fastwebsockets::WebSocketError>(response)
+        },
+    );
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await;
+}
+
+/// Echoes every data message of a `Stream + Sink` WebSocket: messages are fed while more are
+/// ready and flushed once the read side would block, so a pipelined burst is one write.
+async fn echo_batched<W, M, E>(mut ws: W, is_data: fn(&M) -> bool)
+where
+    W: Stream<Item = Result<M, E>> + Sink<M> + Unpin,
+{
+    let mut held: Option<M> = None;
+    poll_fn(|cx| loop {
+        if let Some(m) = held.take() {
+            match Pin::new(&mut ws).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if Pin::new(&mut ws).start_send(m).is_err() {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {
+                    held = Some(m);
+                    return Poll::Pending;
+                }
+            }
+        }
+        match Pin::new(&mut ws).poll_next(cx) {
+            Poll::Ready(Some(Ok(m))) => {
+                if is_data(&m) {
+                    held = Some(m);
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                let _ = ready!(Pin::new(&mut ws).poll_flush(cx));
+                return Poll::Ready(());
+            }
+            Poll::Pending => {
+                return match Pin::new(&mut ws).poll_flush(cx) {
+                    Poll::Ready(Ok(())) | Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(_)) => Poll::Ready(()),
+                };
+            }
+        }
+    })
+    .await;
+}

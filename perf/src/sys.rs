@@ -1,0 +1,159 @@
+//! Linux process plumbing: CPU time from `/proc/PID/task/*/schedstat`, memory from
+//! `/proc/PID/status` and `smaps_rollup`, core pinning, the fd limit, and the ctrl-c flag.
+//!
+//! Everything here reads or sets process attributes; nothing here knows about WebSockets.
+
+use std::fs;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by the SIGINT/SIGTERM handler; loops poll it and unwind, so child servers are killed by
+/// their guards' `Drop`.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Installs the ctrl-c / SIGTERM handler that sets the interrupted flag.
+pub fn install_signal_handlers() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, handler as libc::sighandler_t);
+        }
+    }
+}
+
+/// Whether ctrl-c (or SIGTERM) arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Total CPU time (ns) that all threads of `pid` have run, from `/proc/PID/task/*/schedstat`
+/// (first field: time spent on the CPU). Threads that exited before the call are not counted, so
+/// callers take deltas over a window in which the server's threads live throughout.
+pub fn process_cpu_ns(pid: u32) -> io::Result<u64> {
+    let mut total = 0u64;
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path().join("schedstat");
+        // A thread may exit between listing and reading; skip it.
+        if let Ok(text) = fs::read_to_string(path) {
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// CPU time (ns, user + system) of the calling process.
+pub fn self_cpu_ns() -> u64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage` for the duration of the call.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
+}
+
+/// Memory of a process, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    /// Resident set size (`VmRSS` in `/proc/PID/status`).
+    pub rss: u64,
+    /// Proportional set size (`Pss` in `/proc/PID/smaps_rollup`); shared pages are split.
+    pub pss: u64,
+}
+
+/// Reads `pid`'s resident and proportional memory.
+pub fn memory(pid: u32) -> io::Result<Memory> {
+    let kib = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| {
+                l[key.len()..]
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|k| k * 1024)
+            .unwrap_or(0)
+    };
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    Ok(Memory {
+        rss: kib(&status, "VmRSS:"),
+        pss: kib(&rollup, "Pss:"),
+    })
+}
+
+/// Pins the calling thread (or, called in a child before exec, the new process) to `core`.
+pub fn pin_to_core(core: usize) -> io::Result<()> {
+    // SAFETY: an all-zero `cpu_set_t` is the empty set; CPU_SET only writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` is checked against the set's capacity by the libc macro's caller contract;
+    // cores on this machine are far below CPU_SETSIZE (1024).
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t and the size passed matches it.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit. Child servers
+/// inherit it across fork and exec, so the peers need no change of their own.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit whose soft value does not exceed its hard value.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The CPU model name from `/proc/cpuinfo`, for reports.
+pub fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_time_and_memory_are_readable_and_grow() {
+        let pid = std::process::id();
+        let before = process_cpu_ns(pid).unwrap();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(process_cpu_ns(pid).unwrap() > before);
+        assert!(memory(pid).unwrap().rss > 0);
+    }
+}
