@@ -44,8 +44,9 @@ fn user_data(tag: u8, slot: u32, gen: u32) -> u64 {
     (u64::from(tag) << 56) | (u64::from(gen & GEN_MASK) << 32) | u64::from(slot)
 }
 
+/// Splits `user_data` into (tag, slot, generation).
 fn split_user_data(ud: u64) -> (u8, u32, u32) {
-    ((ud >> 56) as u8, ((ud >> 32) as u32) & GEN_MASK, ud as u32)
+    ((ud >> 56) as u8, ud as u32, ((ud >> 32) as u32) & GEN_MASK)
 }
 
 /// The per-connection part a [`Ws`] handle works on.
@@ -820,6 +821,12 @@ impl<H: Handler> Shard<H> {
             c.link.in_flight = c.send.remaining();
         }
         let flushed = c.send.is_idle() && c.link.out.is_empty() && c.link.deferred.is_empty();
+        debug_log!(
+            "settle {slot}: flushed {flushed} caf {} wr {} infl {}",
+            c.close_after_flush,
+            c.wr_shut,
+            c.send.in_flight()
+        );
         if c.close_after_flush && flushed && !c.wr_shut {
             if c.peer_eof {
                 kill(c);
@@ -1176,34 +1183,26 @@ impl<H: Handler> Core<H> {
                 ctx: &mut self.ctx,
             };
             match event {
-                Event::Text(text) => {
-                    if ws.link.open {
-                        handler.on_message(&mut ws, Message::Text(text));
-                    }
+                // After a close was sent or asked for, data is read but not delivered.
+                Event::Text(text) if ws.link.open => {
+                    handler.on_message(&mut ws, Message::Text(text));
                 }
-                Event::Binary(bytes) => {
-                    if ws.link.open {
-                        handler.on_message(&mut ws, Message::Binary(bytes));
-                    }
+                Event::Binary(bytes) if ws.link.open => {
+                    handler.on_message(&mut ws, Message::Binary(bytes));
                 }
                 Event::Ping(payload) => handler.on_ping(&mut ws, payload),
                 Event::Pong(payload) => handler.on_pong(&mut ws, payload),
-                Event::Close { code, reason } => {
-                    if !ws.link.notified {
-                        ws.link.notified = true;
-                        ws.link.open = false;
-                        handler.on_close(&mut ws, code, reason);
-                    }
+                Event::Close { code, reason } if !ws.link.notified => {
+                    ws.link.notified = true;
+                    ws.link.open = false;
+                    handler.on_close(&mut ws, code, reason);
                 }
-                Event::Error(e) => {
+                Event::Error(e) if !ws.link.notified => {
                     debug_log!("protocol error from {}: {e}", ws.link.peer);
-                    if !ws.link.notified {
-                        ws.link.notified = true;
-                        ws.link.open = false;
-                        handler.on_close(&mut ws, Some(e.close_code()), &e.to_string());
-                    }
+                    ws.link.notified = true;
+                    ws.link.open = false;
+                    handler.on_close(&mut ws, Some(e.close_code()), &e.to_string());
                 }
-                #[allow(unreachable_patterns)]
                 _ => {}
             }
             settle_callback(c, now, close_ms);
@@ -1284,8 +1283,8 @@ mod tests {
     #[test]
     fn user_data_round_trips_tag_slot_and_generation() {
         let ud = user_data(TAG_SEND, 123_456, 0x00AB_CDEF);
-        assert_eq!(split_user_data(ud), (TAG_SEND, 0x00AB_CDEF, 123_456));
+        assert_eq!(split_user_data(ud), (TAG_SEND, 123_456, 0x00AB_CDEF));
         let ud = user_data(TAG_RECV, u32::MAX, 0xFFFF_FFFF);
-        assert_eq!(split_user_data(ud), (TAG_RECV, GEN_MASK, u32::MAX));
+        assert_eq!(split_user_data(ud), (TAG_RECV, u32::MAX, GEN_MASK));
     }
 }

@@ -1,0 +1,472 @@
+//! End-to-end tests over loopback: real shards, real sockets, tokio-tungstenite and a scripted
+//! raw client as peers. Every server a test starts is shut down by that test.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{builder, start, wait_for, wait_idle, RawClient};
+use futures_util::{SinkExt, StreamExt};
+use ringsock::server::{Message, ServerHandle};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message as TMessage;
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(handle: &ServerHandle) -> Client {
+    let url = format!("ws://{}/", handle.local_addr());
+    let config = WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    };
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+        .await
+        .expect("client connects");
+    ws
+}
+
+async fn next_data(ws: &mut Client) -> TMessage {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(msg @ (TMessage::Text(_) | TMessage::Binary(_))))) => return msg,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a data message, got {other:?}"),
+        }
+    }
+}
+
+async fn echo_sizes(handle: &ServerHandle) {
+    let mut ws = connect(handle).await;
+    for size in [0usize, 125, 126, 65535, 65536, 1 << 20, 16 << 20] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        ws.send(TMessage::Binary(payload.clone())).await.unwrap();
+        assert_eq!(
+            next_data(&mut ws).await,
+            TMessage::Binary(payload),
+            "binary {size}"
+        );
+        let text: String = (0..size)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        ws.send(TMessage::Text(text.clone())).await.unwrap();
+        assert_eq!(
+            next_data(&mut ws).await,
+            TMessage::Text(text),
+            "text {size}"
+        );
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_every_size_with_its_type() {
+    let (handle, probe) = start(builder());
+    echo_sizes(&handle).await;
+    wait_idle(&handle);
+    assert_eq!(probe.opens.load(Ordering::SeqCst), 1);
+    handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_with_plain_buffers_and_single_shot_receives() {
+    let (handle, _) = start(builder().configure(|c| {
+        c.buffers.use_registered_buffers = false;
+        c.buffers.use_buffer_ring = false;
+    }));
+    echo_sizes(&handle).await;
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_with_a_tiny_buffer_ring_that_drains() {
+    // Four 1 KiB receive buffers: large messages exhaust the ring (ENOBUFS) constantly.
+    let (handle, _) = start(builder().configure(|c| {
+        c.buffers.recv_buffers = 4;
+        c.buffers.recv_buffer_size = 1024;
+        c.buffers.send_slabs = 4;
+        c.buffers.send_slab_size = 4096;
+    }));
+    echo_sizes(&handle).await;
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_is_echoed_with_its_code_and_connection_freed() {
+    let (handle, probe) = start(builder());
+    let mut ws = connect(&handle).await;
+    ws.close(Some(CloseFrame {
+        code: TCloseCode::from(4001),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    let mut echoed = None;
+    while let Some(Ok(msg)) = ws.next().await {
+        if let TMessage::Close(frame) = msg {
+            echoed = frame.map(|f| u16::from(f.code));
+        }
+    }
+    assert_eq!(echoed, Some(4001));
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(4001)]);
+    handle.shutdown();
+}
+
+#[test]
+fn reassembles_fragments_with_a_ping_in_between() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(false, 1, b"Hel");
+    c.send_frame(true, 9, b"ping!");
+    c.send_frame(false, 0, b"lo, ");
+    c.send_frame(true, 0, b"world");
+    let pong = c.read_frame();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"ping!"[..]));
+    let msg = c.read_frame();
+    assert_eq!(
+        (msg.fin, msg.opcode, msg.payload.as_slice()),
+        (true, 1, &b"Hello, world"[..])
+    );
+    // 1000 single-byte fragments, written in one go.
+    let mut bytes = common::masked_frame(false, 2, b"x");
+    for _ in 0..998 {
+        bytes.extend(common::masked_frame(false, 0, b"x"));
+    }
+    bytes.extend(common::masked_frame(true, 0, b"x"));
+    c.send(&bytes);
+    let msg = c.read_frame();
+    assert_eq!((msg.opcode, msg.payload.len()), (2, 1000));
+    c.send_frame(true, 8, &1000u16.to_be_bytes());
+    assert_eq!(c.read_close(), Some(1000));
+    assert!(c.sees_eof());
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[test]
+fn frames_split_across_reads_byte_by_byte_are_handled() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    let frame = common::masked_frame(true, 1, "split ✓".as_bytes());
+    for b in &frame {
+        c.stream.write_all(std::slice::from_ref(b)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let msg = c.read_frame();
+    assert_eq!(msg.payload, "split ✓".as_bytes());
+    handle.shutdown();
+}
+
+#[test]
+fn ping_is_answered_with_a_pong_carrying_its_payload() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 9, b"abc");
+    let pong = c.read_frame();
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"abc"[..]));
+    handle.shutdown();
+}
+
+#[test]
+fn server_initiated_close_completes_and_drops_tcp() {
+    let (handle, probe) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 1, b"cmd:close");
+    assert_eq!(c.read_close(), Some(4000));
+    c.send_frame(true, 8, &4000u16.to_be_bytes());
+    assert!(
+        c.sees_eof(),
+        "server closes TCP after the closing handshake"
+    );
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(4000)]);
+    handle.shutdown();
+}
+
+#[test]
+fn protocol_error_closes_with_1002() {
+    let (handle, probe) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send(&[0x83, 0x80, 1, 2, 3, 4]); // reserved opcode 0x3
+    assert_eq!(c.read_close(), Some(1002));
+    c.send_frame(true, 8, &1002u16.to_be_bytes());
+    assert!(c.sees_eof());
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(1002)]);
+    handle.shutdown();
+}
+
+#[test]
+fn unmasked_client_frame_closes_with_1002() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send(&[0x81, 0x02, b'h', b'i']);
+    assert_eq!(c.read_close(), Some(1002));
+    handle.shutdown();
+}
+
+#[test]
+fn oversize_message_closes_with_1009() {
+    let (handle, _) = start(builder().max_message_size(1000).max_frame_size(1000));
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 2, &[0u8; 2000]);
+    assert_eq!(c.read_close(), Some(1009));
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(false, 2, &[0u8; 600]);
+    c.send_frame(true, 0, &[0u8; 600]);
+    assert_eq!(
+        c.read_close(),
+        Some(1009),
+        "reassembled message over the limit"
+    );
+    handle.shutdown();
+}
+
+#[test]
+fn invalid_utf8_closes_with_1007() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 1, &[b'o', b'k', 0xff]);
+    assert_eq!(c.read_close(), Some(1007));
+    handle.shutdown();
+}
+
+#[test]
+fn peer_that_vanishes_is_reported_as_1006_and_freed() {
+    let (handle, probe) = start(builder());
+    let c = RawClient::connect(handle.local_addr());
+    wait_for(5, "open", || probe.opens.load(Ordering::SeqCst) == 1);
+    drop(c);
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(1006)]);
+    handle.shutdown();
+}
+
+#[test]
+fn plain_http_gets_the_handler_page_or_426() {
+    let (handle, probe) = start(builder());
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = c.read_head();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8(c.read_to_end())
+        .unwrap()
+        .contains("<h1>hi</h1>"));
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    c.send(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(c.read_head().starts_with("HTTP/1.1 426"));
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    assert!(c.request("/reject", "").starts_with("HTTP/1.1 403"));
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    c.send(b"garbage\r\n\r\n");
+    assert!(c.read_head().starts_with("HTTP/1.1 400"));
+    wait_idle(&handle);
+    assert_eq!(probe.opens.load(Ordering::SeqCst), 0);
+    handle.shutdown();
+}
+
+#[test]
+fn subprotocol_chosen_by_the_handler_is_answered() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    let head = c.request("/", "Sec-WebSocket-Protocol: chat, superchat\r\n");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: chat\r\n"),
+        "{head}"
+    );
+    handle.shutdown();
+}
+
+#[test]
+fn over_the_connection_limit_gets_503() {
+    let (handle, _) = start(builder().max_connections_per_shard(1));
+    let _first = RawClient::connect(handle.local_addr());
+    let mut second = RawClient::connect_tcp(handle.local_addr());
+    assert!(second.read_head().starts_with("HTTP/1.1 503"));
+    assert!(second.sees_eof());
+    handle.shutdown();
+}
+
+#[test]
+fn silent_connection_is_dropped_after_the_handshake_timeout() {
+    let (handle, _) = start(builder().handshake_timeout(Duration::from_millis(200)));
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    c.send(b"GET / HTTP/1.1\r\n");
+    assert!(c.sees_eof());
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[test]
+fn idle_connection_is_pinged_then_closed() {
+    let (handle, _) = start(builder().idle_timeout(Some(Duration::from_millis(400)), true));
+    let mut c = RawClient::connect(handle.local_addr());
+    let ping = c.read_frame();
+    assert_eq!(ping.opcode, 9, "auto ping after half the idle time");
+    assert_eq!(c.read_close(), Some(1001));
+    handle.shutdown();
+}
+
+#[test]
+fn client_that_stops_reading_is_bounded_and_drains() {
+    let mark = 256 * 1024;
+    let (handle, probe) = start(builder().high_water_mark(mark));
+    let c = RawClient::connect(handle.local_addr());
+    c.stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut writer = c.stream.try_clone().unwrap();
+    let msg = common::masked_frame(true, 2, &[1u8; 16 * 1024]);
+    // Write until the server stops reading and the socket buffers fill up.
+    let mut sent = 0usize;
+    while writer.write_all(&msg).is_ok() {
+        sent += 1;
+        assert!(sent < 10_000, "server kept reading without bound");
+    }
+    let max = probe.max_buffered.load(Ordering::SeqCst);
+    assert!(
+        max <= mark + 64 * 1024,
+        "queued {max} bytes over a {mark}-byte mark"
+    );
+    assert!(probe.backpressure.load(Ordering::SeqCst) > 0);
+    assert_eq!(probe.drains.load(Ordering::SeqCst), 0);
+    // Now read everything: the server drains, fires on_drain and reads again.
+    let mut reader = c;
+    reader
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for _ in 0..sent {
+        let frame = reader.read_frame();
+        assert_eq!(frame.payload.len(), 16 * 1024);
+    }
+    assert!(probe.drains.load(Ordering::SeqCst) > 0, "on_drain fired");
+    handle.shutdown();
+}
+
+#[test]
+fn sends_over_the_hard_limit_are_dropped() {
+    let (handle, probe) = start(builder().configure(|c| {
+        c.buffers.high_water_mark = 64 * 1024;
+        c.buffers.max_buffered = 128 * 1024;
+    }));
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 1, b"cmd:flood:100:16384");
+    wait_for(5, "flood", || {
+        probe.dropped.load(Ordering::SeqCst) + probe.backpressure.load(Ordering::SeqCst) > 0
+    });
+    assert!(probe.dropped.load(Ordering::SeqCst) > 0);
+    assert!(probe.max_buffered.load(Ordering::SeqCst) <= 128 * 1024 + 16 * 1024 + 16);
+    drop(c);
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[test]
+fn remote_sends_from_another_thread() {
+    let (handle, probe) = start(builder());
+    let mut c = RawClient::connect(handle.local_addr());
+    wait_for(5, "open", || probe.opens.load(Ordering::SeqCst) == 1);
+    let remote = probe.remotes.lock().unwrap()[0].clone();
+    std::thread::spawn(move || {
+        assert!(remote.send_text("from afar"));
+        assert!(remote.send_binary(&[1, 2, 3]));
+    })
+    .join()
+    .unwrap();
+    assert_eq!(c.read_frame().payload, b"from afar");
+    assert_eq!(c.read_frame().payload, [1, 2, 3]);
+    let remote = probe.remotes.lock().unwrap()[0].clone();
+    remote.close(ringsock::proto::CloseCode(4002), "remote close");
+    assert_eq!(c.read_close(), Some(4002));
+    handle.shutdown();
+    assert!(
+        !remote.send_text("after shutdown"),
+        "a stopped server refuses"
+    );
+}
+
+#[test]
+fn publish_reaches_subscribers_on_every_shard() {
+    let (handle, _) = start(builder().shards(2));
+    // Connect until both shards hold a subscriber (SO_REUSEPORT spreads by hash).
+    let mut clients: Vec<(RawClient, usize)> = Vec::new();
+    let mut seen = [false; 2];
+    for _ in 0..64 {
+        let mut c = RawClient::connect(handle.local_addr());
+        c.send_frame(true, 1, b"cmd:shard");
+        let shard: usize = String::from_utf8(c.read_frame().payload).unwrap()[6..]
+            .parse()
+            .unwrap();
+        seen[shard] = true;
+        c.send_frame(true, 1, b"cmd:sub:room");
+        assert_eq!(c.read_frame().payload, b"subscribed");
+        clients.push((c, shard));
+        if seen[0] && seen[1] && clients.len() >= 3 {
+            break;
+        }
+    }
+    assert!(seen[0] && seen[1], "connections landed on both shards");
+    clients[0].0.send_frame(true, 1, b"cmd:pub:room:hello all");
+    for (c, _) in &mut clients {
+        assert_eq!(c.read_frame().payload, b"hello all");
+    }
+    handle.publish("room", Message::Binary(b"from the handle"));
+    handle.broadcast(Message::Text("to everyone"));
+    for (c, _) in &mut clients {
+        assert_eq!(c.read_frame().payload, b"from the handle");
+        assert_eq!(c.read_frame().payload, b"to everyone");
+    }
+    handle.publish("nobody-listens", Message::Text("lost"));
+    drop(clients);
+    wait_idle(&handle);
+    handle.shutdown();
+}
+
+#[test]
+fn graceful_shutdown_delivers_queued_messages_then_1001() {
+    let (handle, probe) = start(builder().shards(2));
+    let mut clients: Vec<RawClient> = (0..4)
+        .map(|_| RawClient::connect(handle.local_addr()))
+        .collect();
+    wait_for(5, "opens", || probe.opens.load(Ordering::SeqCst) == 4);
+    for remote in probe.remotes.lock().unwrap().iter() {
+        for i in 0..100 {
+            remote.send_text(&format!("message {i}"));
+        }
+    }
+    handle.request_shutdown();
+    for c in &mut clients {
+        for i in 0..100 {
+            let frame = c.read_frame();
+            assert_eq!(frame.payload, format!("message {i}").as_bytes());
+        }
+        let close = c.read_frame();
+        assert_eq!(close.close_code(), Some(1001));
+        c.send_frame(true, 8, &1001u16.to_be_bytes());
+    }
+    handle.wait();
+    assert!(handle.is_stopped());
+    for c in &mut clients {
+        assert!(c.sees_eof());
+    }
+}
+
+#[test]
+fn shutdown_with_unresponsive_clients_is_bounded_by_the_close_timeout() {
+    let (handle, probe) = start(builder().close_timeout(Duration::from_millis(300)));
+    let _c = RawClient::connect(handle.local_addr());
+    wait_for(5, "open", || probe.opens.load(Ordering::SeqCst) == 1);
+    let started = std::time::Instant::now();
+    handle.shutdown();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(probe.close_codes(), vec![Some(1006)]);
+}
