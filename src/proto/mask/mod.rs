@@ -85,7 +85,7 @@ pub fn apply_mask_scalar(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
 pub fn apply_mask_portable(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
     let next = (phase + buf.len()) & 3;
     let word = rotate(mask, phase);
-    let wide = u64::from_ne_bytes(repeat(word));
+    let wide = widen(word);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut bytes = [0u8; 8];
@@ -97,48 +97,48 @@ pub fn apply_mask_portable(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize
     next
 }
 
-/// `mask` as seen from byte `phase`: the four mask bytes that apply to the next four bytes.
+/// `mask` as seen from byte `phase`, as a native-endian word: its byte `i` in memory order is
+/// the mask byte for the `i`-th next payload byte.
 #[inline(always)]
-fn rotate(mask: [u8; 4], phase: usize) -> [u8; 4] {
-    let p = phase & 3;
-    [
-        mask[p],
-        mask[(p + 1) & 3],
-        mask[(p + 2) & 3],
-        mask[(p + 3) & 3],
-    ]
-}
-
-/// `word` repeated to fill `N` bytes (`N` a multiple of 4), the pattern a vector XORs with.
-#[inline(always)]
-fn repeat<const N: usize>(word: [u8; 4]) -> [u8; N] {
-    let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = word[i & 3];
+fn rotate(mask: [u8; 4], phase: usize) -> u32 {
+    let word = u32::from_ne_bytes(mask);
+    let shift = 8 * (phase & 3) as u32;
+    // Moving on by one byte drops the first byte in memory order: the low byte on
+    // little-endian, the high byte on big-endian.
+    if cfg!(target_endian = "little") {
+        word.rotate_right(shift)
+    } else {
+        word.rotate_left(shift)
     }
-    out
 }
 
-/// Masks a short remainder (any length, meant for fewer than 16 bytes) with `word` applying
-/// from its first byte: one 8-byte step, one 4-byte step, then up to 3 single bytes.
+/// `word` twice, for eight bytes at a time (both halves equal, so endianness does not matter).
 #[inline(always)]
-fn mask_tail(buf: &mut [u8], word: [u8; 4]) {
-    let wide = u64::from_ne_bytes(repeat(word));
-    let mut words = buf.chunks_exact_mut(8);
-    for chunk in &mut words {
+fn widen(word: u32) -> u64 {
+    u64::from(word) * 0x1_0000_0001
+}
+
+/// Masks a remainder shorter than 16 bytes with `word` applying from its first byte: one
+/// 8-byte step, one 4-byte step, then up to 3 single bytes.
+#[inline(always)]
+fn mask_tail(buf: &mut [u8], word: u32) {
+    debug_assert!(buf.len() < 16);
+    let mut rest = buf;
+    if rest.len() >= 8 {
+        let (head, tail) = rest.split_at_mut(8);
         let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(chunk);
-        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ wide).to_ne_bytes());
+        bytes.copy_from_slice(head);
+        head.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ widen(word)).to_ne_bytes());
+        rest = tail;
     }
-    let mut rest = words.into_remainder();
     if rest.len() >= 4 {
         let (head, tail) = rest.split_at_mut(4);
         let mut bytes = [0u8; 4];
         bytes.copy_from_slice(head);
-        head.copy_from_slice(&(u32::from_ne_bytes(bytes) ^ u32::from_ne_bytes(word)).to_ne_bytes());
+        head.copy_from_slice(&(u32::from_ne_bytes(bytes) ^ word).to_ne_bytes());
         rest = tail;
     }
-    for (b, m) in rest.iter_mut().zip(word) {
+    for (b, m) in rest.iter_mut().zip(word.to_ne_bytes()) {
         *b ^= m;
     }
 }

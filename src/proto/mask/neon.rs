@@ -6,7 +6,7 @@
 
 use std::arch::aarch64::{veorq_u8, vld1q_u8, vst1q_u8};
 
-use super::{mask_tail, repeat, rotate};
+use super::{mask_tail, rotate};
 
 /// [`apply_mask_neon`] behind a safe signature: the target guarantees NEON.
 #[inline]
@@ -24,15 +24,16 @@ pub(super) fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
 unsafe fn apply_mask_neon(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
     let next = (phase + buf.len()) & 3;
     let word = rotate(mask, phase);
-    // Built in memory and loaded, so lane order matches byte order on either endianness.
-    let pattern: [u8; 16] = repeat(word);
+    // Built in memory and loaded bytewise, so lane order matches byte order on either
+    // endianness.
+    let pattern = [word; 4];
     let mut blocks = buf.chunks_exact_mut(64);
     for block in &mut blocks {
         // SAFETY: `block` is 64 bytes, so the four 16-byte accesses at `p`, `p + 16`, `p + 32`
         // and `p + 48` stay inside it; `pattern` is 16 bytes; `vld1q_u8`/`vst1q_u8` need only
         // byte alignment; the caller guarantees NEON.
         unsafe {
-            let m = vld1q_u8(pattern.as_ptr());
+            let m = vld1q_u8(pattern.as_ptr().cast());
             let p = block.as_mut_ptr();
             let (a, b) = (vld1q_u8(p), vld1q_u8(p.add(16)));
             let (c, d) = (vld1q_u8(p.add(32)), vld1q_u8(p.add(48)));
@@ -49,7 +50,7 @@ unsafe fn apply_mask_neon(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize 
         // stores; the caller guarantees NEON.
         unsafe {
             let p = vector.as_mut_ptr();
-            let m = vld1q_u8(pattern.as_ptr());
+            let m = vld1q_u8(pattern.as_ptr().cast());
             vst1q_u8(p, veorq_u8(vld1q_u8(p), m));
         }
     }

@@ -11,7 +11,7 @@ use std::arch::x86_64::{
 };
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{mask_tail, repeat, rotate};
+use super::{mask_tail, rotate};
 
 /// [`KERNEL`] before detection ran.
 const UNDETECTED: u8 = 0;
@@ -28,9 +28,16 @@ static KERNEL: AtomicU8 = AtomicU8::new(UNDETECTED);
 /// split cache lines it saves.
 const ALIGN_FROM: usize = 256;
 
-/// Dispatches to the detected kernel.
+/// Buffers shorter than this take [`mask_small`], inlined into the caller: for them the call
+/// into an out-of-line `#[target_feature]` kernel costs more than AVX2 saves.
+const SMALL_BELOW: usize = 128;
+
+/// Dispatches to [`mask_small`] or the detected kernel.
 #[inline]
 pub(super) fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    if buf.len() < SMALL_BELOW {
+        return mask_small(buf, mask, phase);
+    }
     if cfg!(target_feature = "avx2") {
         // SAFETY: the crate was compiled for CPUs with AVX2, so every CPU it runs on has it.
         return unsafe { apply_mask_avx2(buf, mask, phase) };
@@ -79,6 +86,28 @@ pub(super) fn apply_mask_sse2_safe(buf: &mut [u8], mask: [u8; 4], phase: usize) 
     unsafe { apply_mask_sse2(buf, mask, phase) }
 }
 
+/// Masks a short buffer with 16-byte SSE2 steps, without a call or an alignment head.
+#[inline(always)]
+fn mask_small(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
+    const _: () = assert!(cfg!(target_feature = "sse2"), "x86-64 always has SSE2");
+    let next = (phase + buf.len()) & 3;
+    let word = rotate(mask, phase);
+    let pattern = [word; 4];
+    let mut vectors = buf.chunks_exact_mut(16);
+    for vector in &mut vectors {
+        // SAFETY: `vector` and `pattern` are 16 bytes each; the unaligned intrinsics need no
+        // alignment; every x86-64 CPU has SSE2 (asserted at compile time above).
+        unsafe {
+            let p = vector.as_mut_ptr().cast::<__m128i>();
+            let m = _mm_loadu_si128(pattern.as_ptr().cast());
+            _mm_storeu_si128(p, _mm_xor_si128(_mm_loadu_si128(p), m));
+        }
+    }
+    // Whole vectors leave the phase unchanged, so the rest continues with `word`.
+    mask_tail(vectors.into_remainder(), word);
+    next
+}
+
 /// Number of bytes before the first `align`-aligned address in `buf` (all of `buf` if none).
 #[inline(always)]
 fn head_len(buf: &[u8], align: usize) -> usize {
@@ -92,11 +121,11 @@ fn head_len(buf: &[u8], align: usize) -> usize {
 /// The CPU must support SSE2 (always true on x86-64).
 #[inline]
 #[target_feature(enable = "sse2")]
-unsafe fn mask_short(buf: &mut [u8], word: [u8; 4]) {
+unsafe fn mask_short(buf: &mut [u8], word: u32) {
     let mut rest = buf;
     if rest.len() >= 16 {
         let (head, tail) = rest.split_at_mut(16);
-        let pattern: [u8; 16] = repeat(word);
+        let pattern = [word; 4];
         // SAFETY: `head` and `pattern` are 16 bytes each, the unaligned load/store intrinsics
         // need no alignment, and SSE2 is available (caller's contract).
         unsafe {
@@ -126,7 +155,7 @@ pub(super) unsafe fn apply_mask_sse2(buf: &mut [u8], mask: [u8; 4], phase: usize
         rest = tail;
     }
     let word = rotate(mask, phase);
-    let pattern: [u8; 16] = repeat(word);
+    let pattern = [word; 4];
     let mut blocks = rest.chunks_exact_mut(64);
     for block in &mut blocks {
         // SAFETY: `block` is 64 bytes, so the four 16-byte accesses at `p..p + 4` stay inside
@@ -173,7 +202,7 @@ pub(super) unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], phase: usize
         rest = tail;
     }
     let word = rotate(mask, phase);
-    let pattern: [u8; 32] = repeat(word);
+    let pattern = [word; 8];
     let mut blocks = rest.chunks_exact_mut(128);
     for block in &mut blocks {
         // SAFETY: `block` is 128 bytes, so the four 32-byte accesses at `p..p + 4` stay inside
