@@ -821,12 +821,6 @@ impl<H: Handler> Shard<H> {
             c.link.in_flight = c.send.remaining();
         }
         let flushed = c.send.is_idle() && c.link.out.is_empty() && c.link.deferred.is_empty();
-        debug_log!(
-            "settle {slot}: flushed {flushed} caf {} wr {} infl {}",
-            c.close_after_flush,
-            c.wr_shut,
-            c.send.in_flight()
-        );
         if c.close_after_flush && flushed && !c.wr_shut {
             if c.peer_eof {
                 kill(c);
