@@ -1,26 +1,78 @@
-//! The connection state machine (stub: API contract, being implemented by the lead).
+//! The server side of one WebSocket connection after the handshake: frames in, events out,
+//! frames encoded into a caller-owned [`Sink`]. No I/O, no clock.
+//!
+//! # Call protocol
+//!
+//! ```
+//! use ringsock::proto::{Config, Connection, Event};
+//!
+//! let mut conn = Connection::new(Config::default(), None);
+//! let mut out = Vec::new();
+//! // A masked text frame "Hi" as a client sends it.
+//! let mut read = vec![0x81, 0x82, 1, 2, 3, 4, b'H' ^ 1, b'i' ^ 2];
+//! let mut pos = 0;
+//! loop {
+//!     let progress = conn.handle_read(&mut read[pos..], &mut out);
+//!     pos += progress.consumed;
+//!     match progress.event {
+//!         Some(Event::Text(text)) => assert_eq!(text, "Hi"),
+//!         Some(_) => {}
+//!         None => break,
+//!     }
+//! }
+//! assert_eq!(pos, read.len());
+//! ```
+//!
+//! [`Connection::handle_read`] takes the bytes just read as `&mut [u8]`, unmasks payloads in
+//! place and returns at most one [`Event`] per call, borrowing either that buffer (a message
+//! that arrived whole in one read: no copy) or the connection's reassembly buffer (a message
+//! that spanned reads or frames). Bytes of a frame that is not complete yet are copied into the
+//! connection, so the caller never keeps unconsumed input: once `event` is `None`, all of the
+//! buffer was consumed and it can be reused.
+//!
+//! Obligations the RFC puts on the server are queued into the `out` sink during the call: a
+//! pong for every ping (§5.5.2), the close echo (§5.5.1), our close frame after a protocol error
+//! (§7.1.7). When [`Connection::state`] becomes [`State::Closed`], the caller flushes `out` and
+//! then closes TCP (the server closes first, §7.1.1).
+//!
+//! Text is validated as it arrives: invalid UTF-8 in a fragment or in a partial frame fails the
+//! connection (1007) as soon as the offending bytes are seen (§8.1), not at the end of the
+//! message.
 
-use super::deflate::Deflate;
+use std::ops::Range;
+
+use super::deflate::{Deflate, InflateError};
 use super::error::{CloseCode, ProtocolError, SendError};
-use super::frame::OpCode;
+use super::frame::{self, Header, OpCode, MAX_HEADER_LEN};
+use super::mask::apply_mask;
+use super::utf8::{self, Utf8Validator};
 
-/// Caps on what a peer may send.
+/// Reassembly and inflate buffers up to this capacity are kept between messages; larger ones
+/// are freed after their message, so an idle connection holds no large buffer.
+const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// Limits on what a peer may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// The largest single frame payload accepted (1009 above it). Default 16 MiB.
+    /// The largest single frame payload accepted (1009 above it). Default 16 MiB, the largest
+    /// single frame of Autobahn's 9.x cases.
     pub max_frame_size: usize,
     /// The largest message accepted, after reassembly and inflation (1009 above it).
-    /// Default 64 MiB.
+    /// Default 64 MiB: room for Autobahn's 16 MiB messages with headroom, while a peer can
+    /// only make the connection hold as much as it actually sends.
     pub max_message_size: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { max_frame_size: 16 << 20, max_message_size: 64 << 20 }
+        Config {
+            max_frame_size: 16 << 20,
+            max_message_size: 64 << 20,
+        }
     }
 }
 
-/// Where encoded frames go.
+/// Where encoded frames go: the connection's output buffer, owned by the caller.
 pub trait Sink {
     /// Appends bytes.
     fn put(&mut self, bytes: &[u8]);
@@ -33,12 +85,12 @@ impl Sink for Vec<u8> {
     }
 }
 
-/// The server's side of the closing handshake.
+/// The server's side of the closing handshake (RFC 6455 §7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// Messages flow both ways.
     Open,
-    /// We sent a close frame and wait for the peer's.
+    /// We sent a close frame and wait for the peer's (§5.5.1); messages still arrive.
     CloseSent,
     /// Both close frames were exchanged: flush the output, then drop TCP (§7.1.1).
     Closed,
@@ -52,26 +104,27 @@ pub enum Event<'a> {
     Text(&'a str),
     /// A whole binary message.
     Binary(&'a [u8]),
-    /// A ping; the pong has been queued already.
+    /// A ping; its pong has been queued already (unless our close was sent).
     Ping(&'a [u8]),
     /// A pong.
     Pong(&'a [u8]),
     /// The peer's close frame. If we had not sent ours, the echo has been queued. Either way
-    /// the state is now [`State::Closed`].
+    /// the state is now [`State::Closed`]: flush the output, then drop TCP.
     Close {
-        /// The peer's code, `None` for an empty close frame (1005).
+        /// The peer's code, `None` for an empty close frame (reported as 1005).
         code: Option<CloseCode>,
         /// The peer's reason.
         reason: &'a str,
     },
-    /// The peer broke the protocol. Our close frame with the matching code has been queued;
-    /// keep feeding reads to see the peer's close, or drop TCP after the close timeout.
+    /// The peer broke the protocol. Our close frame with the matching code has been queued and
+    /// the state is [`State::CloseSent`]; keep feeding reads to see the peer's close, or drop
+    /// TCP after a close timeout.
     Error(ProtocolError),
 }
 
 /// What one [`Connection::handle_read`] call did.
 #[derive(Debug)]
-#[must_use]
+#[must_use = "the event must be handled and `consumed` bytes skipped"]
 pub struct Progress<'a> {
     /// Bytes of the input consumed.
     pub consumed: usize,
@@ -79,37 +132,193 @@ pub struct Progress<'a> {
     pub event: Option<Event<'a>>,
 }
 
-/// Role placeholder (server only for now).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// The server side.
-    Server,
+/// The frame whose payload is being read.
+#[derive(Clone, Copy, Debug)]
+struct FrameState {
+    opcode: OpCode,
+    fin: bool,
+    /// The first (or only) frame of a data message.
+    first: bool,
+    /// No part of the payload was read yet: it may be handed out in place.
+    whole: bool,
+    mask: [u8; 4],
+    phase: usize,
+    remaining: u64,
+    /// Discard the payload (after a protocol error).
+    skip: bool,
 }
 
-/// One server-side WebSocket connection after the handshake.
+/// The data message being received.
+#[derive(Clone, Debug)]
+struct MessageState {
+    opcode: OpCode,
+    compressed: bool,
+    utf8: Utf8Validator,
+}
+
+/// Where an event's bytes are.
+#[derive(Clone, Debug)]
+enum Source {
+    Input(Range<usize>),
+    Reassembly,
+    Inflated,
+    Control(Range<usize>),
+}
+
+/// An event found by the read loop, before its bytes are borrowed.
+#[derive(Debug)]
+enum Ready {
+    Data(OpCode, Source),
+    Ping(Source),
+    Pong(Source),
+    Close(Option<CloseCode>, Source),
+    Error(ProtocolError),
+}
+
+/// One server-side WebSocket connection after the handshake. See the module docs for the
+/// call protocol.
 pub struct Connection {
     config: Config,
     deflate: Option<Deflate>,
     state: State,
+    /// A protocol error happened: data is discarded, only a close frame is looked for.
+    failed: bool,
+    /// Frame boundaries are lost (a bad length): all input is discarded.
+    desync: bool,
+    /// A header split across reads.
+    header: [u8; MAX_HEADER_LEN],
+    header_len: usize,
+    frame: Option<FrameState>,
+    message: Option<MessageState>,
+    /// A message that spans frames or reads.
+    reassembly: Vec<u8>,
+    /// A control frame that spans reads (§5.5: at most 125 bytes).
+    control: [u8; 125],
+    control_len: usize,
+    inflated: Vec<u8>,
+    /// Compressed output of [`Connection::send`].
+    scratch: Vec<u8>,
+    /// `reassembly`/`inflated` were lent to the last event: clear them on the next call.
+    lent: bool,
 }
 
 impl Connection {
     /// A connection with these limits and, if negotiated, a permessage-deflate codec.
     pub fn new(config: Config, deflate: Option<Deflate>) -> Self {
-        Connection { config, deflate, state: State::Open }
+        Connection {
+            config,
+            deflate,
+            state: State::Open,
+            failed: false,
+            desync: false,
+            header: [0; MAX_HEADER_LEN],
+            header_len: 0,
+            frame: None,
+            message: None,
+            reassembly: Vec::new(),
+            control: [0; 125],
+            control_len: 0,
+            inflated: Vec::new(),
+            scratch: Vec::new(),
+            lent: false,
+        }
     }
 
-    /// Feeds received bytes (unmasked in place). Call again with `&mut buf[consumed..]` until
-    /// `event` is `None`.
+    /// The closing-handshake state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn is_compressed(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Feeds received bytes, unmasking payloads in place. Call again with
+    /// `&mut buf[consumed..]` until `event` is `None`; by then all of `buf` was consumed.
     pub fn handle_read<'a, S: Sink>(&'a mut self, buf: &'a mut [u8], out: &mut S) -> Progress<'a> {
-        let _ = (buf, out, &self.config, &self.deflate);
-        todo!()
+        if self.lent {
+            self.release_lent();
+        }
+        let mut pos = 0;
+        let ready = loop {
+            if self.state == State::Closed || self.desync {
+                // RFC 6455 §5.5.1: nothing after the close frame is processed.
+                pos = buf.len();
+                break None;
+            }
+            if pos == buf.len() && self.frame.map_or(true, |f| f.remaining > 0) {
+                // Out of input; a zero-length frame whose header just arrived still completes.
+                break None;
+            }
+            if self.frame.is_none() {
+                match self.read_header(&buf[pos..]) {
+                    Ok(Some(used)) => pos += used,
+                    Ok(None) => {
+                        pos = buf.len();
+                        break None;
+                    }
+                    Err(e) => break Some(self.fail(e, out)),
+                }
+            }
+            match self.read_payload(buf, &mut pos, out) {
+                Ok(None) => {}
+                Ok(Some(ready)) => break Some(ready),
+                Err(e) => break Some(self.fail(e, out)),
+            }
+        };
+        let buf: &'a [u8] = buf;
+        let event = match ready {
+            None => None,
+            Some(Ready::Data(opcode, Source::Input(range))) => {
+                let bytes = &buf[range];
+                if opcode == OpCode::Text {
+                    match utf8::validate(bytes) {
+                        Ok(text) => Some(Event::Text(text)),
+                        // RFC 6455 §8.1: invalid UTF-8 fails the connection with 1007.
+                        Err(_) => match self.fail(ProtocolError::InvalidUtf8, out) {
+                            Ready::Error(e) => Some(Event::Error(e)),
+                            _ => None,
+                        },
+                    }
+                } else {
+                    Some(Event::Binary(bytes))
+                }
+            }
+            Some(Ready::Data(opcode, source)) => {
+                self.lent = true;
+                let bytes = match source {
+                    Source::Inflated => &self.inflated[..],
+                    _ => &self.reassembly[..],
+                };
+                if opcode == OpCode::Text {
+                    // Validated while it arrived (or after inflation) in `read_payload`.
+                    Some(Event::Text(utf8::validate(bytes).unwrap_or_default()))
+                } else {
+                    Some(Event::Binary(bytes))
+                }
+            }
+            Some(Ready::Ping(source)) => Some(Event::Ping(self.bytes(buf, source))),
+            Some(Ready::Pong(source)) => Some(Event::Pong(self.bytes(buf, source))),
+            Some(Ready::Close(code, source)) => {
+                // The reason was validated in `handle_control`.
+                let reason = utf8::validate(self.bytes(buf, source)).unwrap_or_default();
+                Some(Event::Close { code, reason })
+            }
+            Some(Ready::Error(e)) => Some(Event::Error(e)),
+        };
+        Progress {
+            consumed: pos,
+            event,
+        }
     }
 
-    /// Queues a data message (compressed if negotiated and `compress`).
+    /// Queues a data message: one frame, compressed if permessage-deflate was negotiated,
+    /// `compress` asks for it and the codec finds it worth it.
     ///
     /// # Errors
-    /// [`SendError::Closed`] once our close frame was sent.
+    /// [`SendError::Closed`] once our close frame was sent; [`SendError::InvalidOpCode`] for
+    /// anything but [`OpCode::Text`] and [`OpCode::Binary`].
     pub fn send<S: Sink>(
         &mut self,
         out: &mut S,
@@ -117,35 +326,485 @@ impl Connection {
         payload: &[u8],
         compress: bool,
     ) -> Result<(), SendError> {
-        let _ = (out, opcode, payload, compress);
-        todo!()
+        if !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(SendError::InvalidOpCode);
+        }
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        if let (true, Some(deflate)) = (compress, self.deflate.as_mut()) {
+            if deflate.compress(payload, &mut self.scratch) {
+                // RFC 7692 §6: RSV1 marks the first frame of a compressed message.
+                encode_frame(out, true, true, opcode, &self.scratch);
+                if self.scratch.capacity() > KEEP_CAPACITY {
+                    self.scratch = Vec::new();
+                }
+                return Ok(());
+            }
+        }
+        encode_frame(out, true, false, opcode, payload);
+        Ok(())
     }
 
-    /// Queues a ping.
+    /// Queues one frame of a message sent in fragments, never compressed. The first call
+    /// names the opcode ([`OpCode::Text`] or [`OpCode::Binary`]), the following ones
+    /// [`OpCode::Continuation`]; the last has `fin` set (§5.4). Keeping that order is the
+    /// caller's job.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] once our close frame was sent; [`SendError::InvalidOpCode`] for a
+    /// control opcode.
+    pub fn send_fragment<S: Sink>(
+        &mut self,
+        out: &mut S,
+        opcode: OpCode,
+        payload: &[u8],
+        fin: bool,
+    ) -> Result<(), SendError> {
+        if opcode.is_control() {
+            return Err(SendError::InvalidOpCode);
+        }
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        encode_frame(out, fin, false, opcode, payload);
+        Ok(())
+    }
+
+    /// Queues a ping (§5.5.2).
     ///
     /// # Errors
     /// [`SendError::Closed`], [`SendError::ControlTooLong`].
     pub fn send_ping<S: Sink>(&mut self, out: &mut S, payload: &[u8]) -> Result<(), SendError> {
-        let _ = (out, payload);
-        todo!()
+        self.send_control(out, OpCode::Ping, payload)
     }
 
-    /// Starts the closing handshake.
+    /// Queues an unsolicited pong (§5.5.3), e.g. as a heartbeat.
     ///
     /// # Errors
-    /// [`SendError::Closed`], [`SendError::ControlTooLong`], [`SendError::InvalidCloseCode`].
+    /// [`SendError::Closed`], [`SendError::ControlTooLong`].
+    pub fn send_pong<S: Sink>(&mut self, out: &mut S, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(out, OpCode::Pong, payload)
+    }
+
+    /// Starts the closing handshake: queues our close frame (§5.5.1). The state becomes
+    /// [`State::CloseSent`]; messages may still arrive until the peer's close.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] if a close was already sent, [`SendError::ControlTooLong`] for a
+    /// reason over 123 bytes, [`SendError::InvalidCloseCode`] for a code that may not be sent.
     pub fn close<S: Sink>(
         &mut self,
         out: &mut S,
         code: CloseCode,
         reason: &str,
     ) -> Result<(), SendError> {
-        let _ = (out, code, reason);
-        todo!()
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        if !code.is_valid_on_wire() {
+            return Err(SendError::InvalidCloseCode);
+        }
+        if reason.len() > 123 {
+            return Err(SendError::ControlTooLong);
+        }
+        encode_close(out, Some(code), reason.as_bytes());
+        self.state = State::CloseSent;
+        Ok(())
     }
 
-    /// The closing-handshake state.
-    pub fn state(&self) -> State {
-        self.state
+    fn send_control<S: Sink>(
+        &mut self,
+        out: &mut S,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        if payload.len() > 125 {
+            return Err(SendError::ControlTooLong);
+        }
+        encode_frame(out, true, false, opcode, payload);
+        Ok(())
+    }
+
+    /// The bytes of a control frame's payload or a close reason.
+    fn bytes<'a>(&'a self, input: &'a [u8], source: Source) -> &'a [u8] {
+        match source {
+            Source::Input(range) => &input[range],
+            Source::Control(range) => &self.control[range],
+            Source::Reassembly => &self.reassembly,
+            Source::Inflated => &self.inflated,
+        }
+    }
+
+    fn release_lent(&mut self) {
+        self.lent = false;
+        for buf in [&mut self.reassembly, &mut self.inflated] {
+            if buf.capacity() > KEEP_CAPACITY {
+                *buf = Vec::new();
+            } else {
+                buf.clear();
+            }
+        }
+    }
+
+    /// Fails the connection (§7.1.7): queues our close with the error's code, then discards
+    /// everything but the peer's close frame.
+    fn fail<S: Sink>(&mut self, error: ProtocolError, out: &mut S) -> Ready {
+        if self.state == State::Open {
+            encode_close(out, Some(error.close_code()), b"");
+            self.state = State::CloseSent;
+        }
+        self.failed = true;
+        self.message = None;
+        self.reassembly = Vec::new();
+        self.inflated = Vec::new();
+        if let Some(frame) = self.frame.as_mut() {
+            frame.skip = true;
+        }
+        if error == ProtocolError::InvalidLength {
+            self.desync = true;
+        }
+        Ready::Error(error)
+    }
+
+    /// Reads a frame header from `input`, possibly completing one split across reads.
+    /// Returns the bytes of `input` it used, or `None` if all of `input` went into the
+    /// partial header.
+    fn read_header(&mut self, input: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        if self.header_len == 0 {
+            if let Some(used) = self.parse_header(input)? {
+                return Ok(Some(used));
+            }
+            // Incomplete, so shorter than the longest header.
+            self.header[..input.len()].copy_from_slice(input);
+            self.header_len = input.len();
+            return Ok(None);
+        }
+        let old = self.header_len;
+        let take = (MAX_HEADER_LEN - old).min(input.len());
+        let mut joined = self.header;
+        joined[old..old + take].copy_from_slice(&input[..take]);
+        match self.parse_header(&joined[..old + take])? {
+            Some(used) => {
+                self.header_len = 0;
+                Ok(Some(used - old))
+            }
+            None => {
+                self.header = joined;
+                self.header_len = old + take;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Parses and validates a header at the start of `bytes` and sets up the frame. Returns
+    /// the header length, or `None` if incomplete.
+    fn parse_header(&mut self, bytes: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        if self.failed {
+            return self.skip_header(bytes);
+        }
+        let Some(header) = frame::parse_header(bytes)? else {
+            return Ok(None);
+        };
+        self.begin_frame(&header)?;
+        Ok(Some(header.header_len))
+    }
+
+    /// After a failure: find the frame's extent, keep close frames, skip the rest.
+    fn skip_header(&mut self, bytes: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(raw) = frame::parse_raw(bytes)? else {
+            return Ok(None);
+        };
+        let is_close = raw.b0 & 0x0F == OpCode::Close.as_u8() && raw.payload_len <= 125;
+        self.frame = Some(FrameState {
+            opcode: if is_close {
+                OpCode::Close
+            } else {
+                OpCode::Binary
+            },
+            fin: true,
+            first: false,
+            whole: true,
+            mask: raw.mask.unwrap_or([0; 4]),
+            phase: 0,
+            remaining: raw.payload_len,
+            skip: !is_close,
+        });
+        self.control_len = 0;
+        Ok(Some(raw.header_len))
+    }
+
+    /// Applies the rules that need the connection's state to a new frame's header.
+    fn begin_frame(&mut self, header: &Header) -> Result<(), ProtocolError> {
+        // RFC 6455 §5.1: a server MUST close on an unmasked client frame.
+        let Some(mask) = header.mask else {
+            return Err(ProtocolError::UnmaskedFrame);
+        };
+        let starts_message = matches!(header.opcode, OpCode::Text | OpCode::Binary);
+        // RFC 6455 §5.2: RSV bits need an extension that defines them. RFC 7692 §6: RSV1
+        // marks the first frame of a compressed message, and only that.
+        if header.rsv23 || (header.rsv1 && !(starts_message && self.deflate.is_some())) {
+            return Err(ProtocolError::ReservedBits);
+        }
+        if header.opcode.is_control() {
+            self.control_len = 0;
+        } else {
+            match (header.opcode, &self.message) {
+                // RFC 6455 §5.4: continuation frames need a message; a new message needs
+                // the previous one finished.
+                (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+                (OpCode::Text | OpCode::Binary, Some(_)) => {
+                    return Err(ProtocolError::ExpectedContinuation)
+                }
+                _ => {}
+            }
+            if header.payload_len > self.config.max_frame_size as u64 {
+                return Err(ProtocolError::FrameTooBig);
+            }
+            let so_far = self.reassembly.len() as u64;
+            if so_far + header.payload_len > self.config.max_message_size as u64 {
+                return Err(ProtocolError::MessageTooBig);
+            }
+            if starts_message {
+                self.message = Some(MessageState {
+                    opcode: header.opcode,
+                    compressed: header.rsv1,
+                    utf8: Utf8Validator::new(),
+                });
+            }
+        }
+        self.frame = Some(FrameState {
+            opcode: header.opcode,
+            fin: header.fin,
+            first: starts_message,
+            whole: true,
+            mask,
+            phase: 0,
+            remaining: header.payload_len,
+            skip: false,
+        });
+        Ok(())
+    }
+
+    /// Reads payload bytes of the current frame from `buf[*pos..]`.
+    fn read_payload<S: Sink>(
+        &mut self,
+        buf: &mut [u8],
+        pos: &mut usize,
+        out: &mut S,
+    ) -> Result<Option<Ready>, ProtocolError> {
+        let Some(mut frame) = self.frame else {
+            return Ok(None);
+        };
+        let start = *pos;
+        let available = buf.len() - start;
+        let take = usize::try_from(frame.remaining).map_or(available, |r| r.min(available));
+        let end = start + take;
+        *pos = end;
+        let complete = take as u64 == frame.remaining;
+        if frame.skip {
+            frame.remaining -= take as u64;
+            self.frame = if complete { None } else { Some(frame) };
+            return Ok(None);
+        }
+        let chunk = &mut buf[start..end];
+        let whole = frame.whole;
+        frame.phase = apply_mask(chunk, frame.mask, frame.phase);
+        frame.remaining -= take as u64;
+        frame.whole = false;
+        self.frame = if complete { None } else { Some(frame) };
+
+        if frame.opcode.is_control() {
+            if complete && whole {
+                let payload = &buf[start..end];
+                return self.handle_control(frame.opcode, payload, Source::Input(start..end), out);
+            }
+            self.control[self.control_len..self.control_len + take].copy_from_slice(chunk);
+            self.control_len += take;
+            if !complete {
+                return Ok(None);
+            }
+            let control = self.control;
+            let len = std::mem::take(&mut self.control_len);
+            return self.handle_control(
+                frame.opcode,
+                &control[..len],
+                Source::Control(0..len),
+                out,
+            );
+        }
+
+        let Some(message) = self.message.as_mut() else {
+            return Ok(None);
+        };
+        if frame.first && frame.fin && whole && complete {
+            // The whole message is in this read: hand it out in place, no copy.
+            let opcode = message.opcode;
+            let compressed = message.compressed;
+            self.message = None;
+            if compressed {
+                return self.inflate(opcode, start..end, buf).map(Some);
+            }
+            return Ok(Some(Ready::Data(opcode, Source::Input(start..end))));
+        }
+        if message.opcode == OpCode::Text && !message.compressed {
+            // RFC 6455 §8.1 and Autobahn 6.4: fail as soon as invalid UTF-8 arrives.
+            message
+                .utf8
+                .feed(chunk)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        if frame.first && frame.remaining > 0 && self.reassembly.is_empty() {
+            // A message split across reads: reserve once, bounded by what can still arrive
+            // soon, so a 14-byte header cannot make us allocate its claimed length.
+            let expected = (take as u64 + frame.remaining).min(KEEP_CAPACITY as u64);
+            self.reassembly.reserve(expected as usize);
+        }
+        self.reassembly.extend_from_slice(chunk);
+        if !(complete && frame.fin) {
+            return Ok(None);
+        }
+        let Some(mut message) = self.message.take() else {
+            return Ok(None);
+        };
+        if message.compressed {
+            let input = std::mem::take(&mut self.reassembly);
+            let ready = self.inflate(message.opcode, 0..input.len(), &input);
+            self.reassembly = input;
+            self.lent = true;
+            return ready.map(Some);
+        }
+        if message.opcode == OpCode::Text {
+            message
+                .utf8
+                .finish()
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        Ok(Some(Ready::Data(message.opcode, Source::Reassembly)))
+    }
+
+    /// Inflates a compressed message (RFC 7692 §7.2.2) into `inflated`.
+    fn inflate(
+        &mut self,
+        opcode: OpCode,
+        range: Range<usize>,
+        input: &[u8],
+    ) -> Result<Ready, ProtocolError> {
+        let Some(deflate) = self.deflate.as_mut() else {
+            return Err(ProtocolError::ReservedBits);
+        };
+        let max = self.config.max_message_size;
+        deflate
+            .decompress(&input[range], max, &mut self.inflated)
+            .map_err(|e| match e {
+                InflateError::TooBig => ProtocolError::MessageTooBig,
+                InflateError::Invalid => ProtocolError::InvalidCompressedData,
+            })?;
+        if opcode == OpCode::Text && utf8::validate(&self.inflated).is_err() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
+        Ok(Ready::Data(opcode, Source::Inflated))
+    }
+
+    /// Acts on a complete control frame (§5.5).
+    fn handle_control<S: Sink>(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        source: Source,
+        out: &mut S,
+    ) -> Result<Option<Ready>, ProtocolError> {
+        match opcode {
+            OpCode::Ping if self.failed => Ok(None),
+            OpCode::Ping => {
+                // RFC 6455 §5.5.2: answer with a pong carrying the same payload, unless our
+                // close is already out (§5.5.1: nothing may follow it).
+                if self.state == State::Open {
+                    encode_frame(out, true, false, OpCode::Pong, payload);
+                }
+                Ok(Some(Ready::Ping(source)))
+            }
+            OpCode::Pong if self.failed => Ok(None),
+            OpCode::Pong => Ok(Some(Ready::Pong(source))),
+            _ => self.handle_close(payload, source, out).map(Some),
+        }
+    }
+
+    fn handle_close<S: Sink>(
+        &mut self,
+        payload: &[u8],
+        source: Source,
+        out: &mut S,
+    ) -> Result<Ready, ProtocolError> {
+        let reason_source = match &source {
+            Source::Input(r) => Source::Input((r.start + 2).min(r.end)..r.end),
+            Source::Control(r) => Source::Control((r.start + 2).min(r.end)..r.end),
+            other => other.clone(),
+        };
+        let parsed = parse_close(payload);
+        if self.failed {
+            // Our close is out already; whatever the peer's says, the handshake is over.
+            self.state = State::Closed;
+            let (code, source) = match parsed {
+                Ok(code) => (code, reason_source),
+                Err(_) => (None, Source::Control(0..0)),
+            };
+            return Ok(Ready::Close(code, source));
+        }
+        let code = parsed?;
+        if self.state == State::Open {
+            // RFC 6455 §5.5.1: echo the status code.
+            encode_close(out, code, b"");
+        }
+        self.state = State::Closed;
+        self.message = None;
+        Ok(Ready::Close(code, reason_source))
     }
 }
+
+/// Parses a close frame's payload (§5.5.1, §7.4): empty, or a valid code and a UTF-8 reason.
+fn parse_close(payload: &[u8]) -> Result<Option<CloseCode>, ProtocolError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::InvalidClosePayload),
+        [hi, lo, reason @ ..] => {
+            let code = CloseCode(u16::from_be_bytes([*hi, *lo]));
+            if !code.is_valid_on_wire() {
+                return Err(ProtocolError::InvalidCloseCode);
+            }
+            utf8::validate(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
+            Ok(Some(code))
+        }
+    }
+}
+
+/// Encodes one unmasked frame (a server's) into `out`. Useful for encoding a message once and
+/// copying it to many connections (broadcast).
+#[inline]
+pub fn encode_frame<S: Sink>(out: &mut S, fin: bool, rsv1: bool, opcode: OpCode, payload: &[u8]) {
+    let mut header = [0u8; MAX_HEADER_LEN];
+    let n = frame::encode_header(&mut header, fin, rsv1, opcode, payload.len(), None);
+    out.put(&header[..n]);
+    out.put(payload);
+}
+
+/// Encodes a close frame; `reason` must fit (≤ 123 bytes).
+fn encode_close<S: Sink>(out: &mut S, code: Option<CloseCode>, reason: &[u8]) {
+    let mut payload = [0u8; 125];
+    let len = match code {
+        Some(code) => {
+            payload[..2].copy_from_slice(&code.0.to_be_bytes());
+            let n = reason.len().min(123);
+            payload[2..2 + n].copy_from_slice(&reason[..n]);
+            2 + n
+        }
+        None => 0,
+    };
+    encode_frame(out, true, false, OpCode::Close, &payload[..len]);
+}
+
+#[cfg(test)]
+mod tests;

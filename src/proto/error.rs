@@ -126,6 +126,8 @@ pub enum SendError {
     ControlTooLong,
     /// A close code that may not be sent (for example 1005 or 1006).
     InvalidCloseCode,
+    /// An opcode the call cannot send (a control opcode as data, or continuation alone).
+    InvalidOpCode,
 }
 
 impl fmt::Display for SendError {
@@ -134,6 +136,7 @@ impl fmt::Display for SendError {
             SendError::Closed => "connection is closing",
             SendError::ControlTooLong => "control payload longer than 125 bytes",
             SendError::InvalidCloseCode => "invalid close code",
+            SendError::InvalidOpCode => "opcode not allowed here",
         };
         f.write_str(text)
     }

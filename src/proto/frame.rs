@@ -79,35 +79,32 @@ pub struct Header {
     pub header_len: usize,
 }
 
-/// Parses a frame header from the start of `buf`.
-///
-/// Returns `Ok(None)` if `buf` does not yet hold the whole header. Applies the rules that need
-/// only the header: reserved opcodes, the 64-bit length's top bit (§5.2), control frames that
-/// are fragmented or longer than 125 bytes (§5.5). RSV bits and masking depend on the
-/// connection and are checked there.
+/// The structure of a frame header, before any rule is applied: enough to find where the
+/// frame ends, which is what a connection that already failed needs to skip frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawHeader {
+    /// The first header byte: FIN, RSV1–3 and the raw opcode.
+    pub b0: u8,
+    /// The masking key, if the frame is masked.
+    pub mask: Option<[u8; 4]>,
+    /// The payload length.
+    pub payload_len: u64,
+    /// The length of the header itself (2..=14).
+    pub header_len: usize,
+}
+
+/// Parses the structure of a header from the start of `buf`; `Ok(None)` if incomplete.
 ///
 /// # Errors
-/// [`ProtocolError::ReservedOpCode`], [`ProtocolError::InvalidLength`],
-/// [`ProtocolError::FragmentedControlFrame`], [`ProtocolError::ControlFrameTooLong`].
-pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ProtocolError> {
+/// [`ProtocolError::InvalidLength`] for a 64-bit length with its top bit set (§5.2): after it,
+/// frame boundaries can no longer be trusted.
+#[inline]
+pub fn parse_raw(buf: &[u8]) -> Result<Option<RawHeader>, ProtocolError> {
     let (b0, b1) = match buf {
         [b0, b1, ..] => (*b0, *b1),
         _ => return Ok(None),
     };
-    let opcode = OpCode::from_u8(b0 & 0x0F)?;
-    let fin = b0 & 0x80 != 0;
-    let masked = b1 & 0x80 != 0;
-    let short_len = b1 & 0x7F;
-    if opcode.is_control() {
-        // RFC 6455 §5.5: control frames are never fragmented and carry at most 125 bytes.
-        if !fin {
-            return Err(ProtocolError::FragmentedControlFrame);
-        }
-        if short_len > 125 {
-            return Err(ProtocolError::ControlFrameTooLong);
-        }
-    }
-    let (payload_len, mut pos) = match short_len {
+    let (payload_len, mut pos) = match b1 & 0x7F {
         126 => match buf.get(2..4) {
             Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
             None => return Ok(None),
@@ -127,25 +124,62 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ProtocolError> {
         },
         n => (u64::from(n), 2),
     };
-    let mask = if masked {
-        match buf.get(pos..pos + 4) {
-            Some(m) => {
-                pos += 4;
-                Some([m[0], m[1], m[2], m[3]])
-            }
+    let mask = if b1 & 0x80 != 0 {
+        let m = match buf.get(pos..pos + 4) {
+            Some(m) => [m[0], m[1], m[2], m[3]],
             None => return Ok(None),
-        }
+        };
+        pos += 4;
+        Some(m)
     } else {
         None
     };
-    Ok(Some(Header {
-        fin,
-        rsv1: b0 & 0x40 != 0,
-        rsv23: b0 & 0x30 != 0,
-        opcode,
+    Ok(Some(RawHeader {
+        b0,
         mask,
         payload_len,
         header_len: pos,
+    }))
+}
+
+/// Parses a frame header from the start of `buf` and applies the rules that need only the
+/// header: reserved opcodes, the 64-bit length's top bit (§5.2), control frames that are
+/// fragmented or longer than 125 bytes (§5.5). RSV bits and masking depend on the connection
+/// and are checked there.
+///
+/// Returns `Ok(None)` if `buf` does not yet hold the whole header.
+///
+/// # Errors
+/// [`ProtocolError::ReservedOpCode`], [`ProtocolError::InvalidLength`],
+/// [`ProtocolError::FragmentedControlFrame`], [`ProtocolError::ControlFrameTooLong`].
+#[inline]
+pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ProtocolError> {
+    if let [b0, ..] = buf {
+        // Fail on a reserved opcode as soon as the first byte is in.
+        OpCode::from_u8(b0 & 0x0F)?;
+    }
+    let Some(raw) = parse_raw(buf)? else {
+        return Ok(None);
+    };
+    let opcode = OpCode::from_u8(raw.b0 & 0x0F)?;
+    let fin = raw.b0 & 0x80 != 0;
+    if opcode.is_control() {
+        // RFC 6455 §5.5: control frames are never fragmented and carry at most 125 bytes.
+        if !fin {
+            return Err(ProtocolError::FragmentedControlFrame);
+        }
+        if raw.payload_len > 125 {
+            return Err(ProtocolError::ControlFrameTooLong);
+        }
+    }
+    Ok(Some(Header {
+        fin,
+        rsv1: raw.b0 & 0x40 != 0,
+        rsv23: raw.b0 & 0x30 != 0,
+        opcode,
+        mask: raw.mask,
+        payload_len: raw.payload_len,
+        header_len: raw.header_len,
     }))
 }
 
@@ -193,11 +227,26 @@ mod tests {
     #[test]
     fn parses_all_three_length_forms() {
         let h = header(&[0x81, 0x85, 1, 2, 3, 4]).unwrap().unwrap();
-        assert_eq!((h.payload_len, h.header_len, h.mask), (5, 6, Some([1, 2, 3, 4])));
-        let h = header(&[0x82, 0xFE, 0x01, 0x00, 0, 0, 0, 0]).unwrap().unwrap();
+        assert_eq!(
+            (h.payload_len, h.header_len, h.mask),
+            (5, 6, Some([1, 2, 3, 4]))
+        );
+        let h = header(&[0x82, 0xFE, 0x01, 0x00, 0, 0, 0, 0])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, h.header_len), (256, 8));
-        let h = header(&[0x82, 0xFF, 0, 0, 0, 1, 0, 0, 0, 0, 9, 9, 9, 9]).unwrap().unwrap();
+        let h = header(&[0x82, 0xFF, 0, 0, 0, 1, 0, 0, 0, 0, 9, 9, 9, 9])
+            .unwrap()
+            .unwrap();
         assert_eq!((h.payload_len, h.header_len), (1 << 32, 14));
+    }
+
+    #[test]
+    fn raw_parse_finds_the_extent_of_invalid_frames() {
+        let raw = parse_raw(&[0x83, 0xFE, 0x01, 0x00, 1, 2, 3, 4])
+            .unwrap()
+            .unwrap();
+        assert_eq!((raw.b0, raw.payload_len, raw.header_len), (0x83, 256, 8));
     }
 
     #[test]
@@ -217,14 +266,24 @@ mod tests {
     #[test]
     fn rejects_reserved_opcodes() {
         for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
-            assert_eq!(header(&[0x80 | op, 0x80]), Err(ProtocolError::ReservedOpCode));
+            assert_eq!(header(&[0x80 | op]), Err(ProtocolError::ReservedOpCode));
+            assert_eq!(
+                header(&[0x80 | op, 0x80]),
+                Err(ProtocolError::ReservedOpCode)
+            );
         }
     }
 
     #[test]
     fn rejects_fragmented_or_long_control_frames() {
-        assert_eq!(header(&[0x09, 0x80]), Err(ProtocolError::FragmentedControlFrame));
-        assert_eq!(header(&[0x89, 0xFE, 0, 126]), Err(ProtocolError::ControlFrameTooLong));
+        assert_eq!(
+            header(&[0x09, 0x80, 1, 2, 3, 4]),
+            Err(ProtocolError::FragmentedControlFrame)
+        );
+        assert_eq!(
+            header(&[0x89, 0xFE, 0, 126, 1, 2, 3, 4]),
+            Err(ProtocolError::ControlFrameTooLong)
+        );
         assert!(header(&[0x89, 0xFD, 1, 2, 3, 4]).unwrap().is_some());
     }
 
@@ -233,7 +292,13 @@ mod tests {
         for len in [0usize, 1, 125, 126, 127, 65535, 65536, 1 << 24] {
             let mut buf = [0u8; MAX_HEADER_LEN];
             let n = encode_header(&mut buf, true, false, OpCode::Binary, len, None);
-            let expected = if len < 126 { 2 } else if len < 65536 { 4 } else { 10 };
+            let expected = if len < 126 {
+                2
+            } else if len < 65536 {
+                4
+            } else {
+                10
+            };
             assert_eq!(n, expected);
             let h = parse_header(&buf[..n]).unwrap().unwrap();
             assert_eq!((h.payload_len, h.header_len, h.fin), (len as u64, n, true));
