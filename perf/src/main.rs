@@ -57,7 +57,11 @@ options:
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    sys::install_signal_handlers();
+    if argv.first().map(String::as_str) != Some("serve") {
+        // The peers' servers keep the default SIGTERM action: killed at once, and valgrind
+        // still writes its counts.
+        sys::install_signal_handlers();
+    }
     let result = match argv.first().map(String::as_str) {
         Some("serve") => serve_cmd(&argv[1..]),
         Some("compare") => Args::parse(&argv[1..]).and_then(|a| compare_cmd(&a)),
@@ -269,6 +273,7 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
     let core = args.num("server-core", 0)? as usize;
     let cases = args.cases(servers::free_addr()?)?;
     let mut documents = Vec::new();
+    let mut failures = 0;
     for case in &cases {
         let mut results: Vec<ServerResult> = kinds
             .iter()
@@ -276,24 +281,33 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
                 name: k.name().into(),
                 samples: Vec::new(),
                 merged: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds"),
+                failure: None,
             })
             .collect();
         for rep in 0..reps {
             for (kind, result) in kinds.iter().zip(&mut results) {
-                let addr = servers::free_addr()?;
-                let server =
-                    ServerProc::start(kind, addr, Some(core), &[], Duration::from_secs(10))?;
+                if result.failure.is_some() {
+                    continue;
+                }
                 let mut p = case.clone();
-                p.addr = addr;
-                p.server_pid = Some(server.pid());
                 p.label = format!("{} rep {}/{reps}", kind.name(), rep + 1);
-                let outcome = generator::run(&p)
-                    .map_err(|e| format!("{} ({}): {e}", kind.name(), p.label))?;
-                drop(server);
-                result.samples.push(Sample::from_outcome(&p, &outcome));
-                let _ = result.merged.add(&outcome.latency);
+                // A failing server is reported and dropped from the case; the others still run,
+                // and the whole command exits non-zero at the end.
+                match run_one(kind, core, &mut p) {
+                    Ok(outcome) => {
+                        result.samples.push(Sample::from_outcome(&p, &outcome));
+                        let _ = result.merged.add(&outcome.latency);
+                    }
+                    Err(e) if sys::interrupted() => return Err(e),
+                    Err(e) => {
+                        generator::progress_done();
+                        eprintln!("FAILED: {} ({}): {e}", kind.name(), p.label);
+                        result.failure = Some(e);
+                    }
+                }
             }
         }
+        failures += results.iter().filter(|r| r.failure.is_some()).count();
         documents.push(emit(args, case, &results, reps)?);
     }
     if args.json {
@@ -302,7 +316,21 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
             serde_json::to_string_pretty(&documents).map_err(|e| e.to_string())?
         );
     }
-    Ok(())
+    match failures {
+        0 => Ok(()),
+        n => Err(format!("{n} server run(s) failed (see FAILED lines above)")),
+    }
+}
+
+/// Starts `kind` pinned to `core`, runs the case `p` against it, and stops it.
+fn run_one(kind: &Kind, core: usize, p: &mut Params) -> Result<generator::Outcome, String> {
+    let addr = servers::free_addr()?;
+    let server = ServerProc::start(kind, addr, Some(core), &[], Duration::from_secs(10))?;
+    p.addr = addr;
+    p.server_pid = Some(server.pid());
+    let outcome = generator::run(p);
+    drop(server);
+    outcome
 }
 
 fn bench_cmd(args: &Args) -> Result<(), String> {
@@ -330,6 +358,7 @@ fn bench_cmd(args: &Args) -> Result<(), String> {
             name: args.get("name").unwrap_or("server").into(),
             samples: vec![Sample::from_outcome(&p, &outcome)],
             merged,
+            failure: None,
         };
         documents.push(emit(args, &p, &[result], 1)?);
     }
@@ -406,6 +435,7 @@ fn instr_cmd(args: &Args) -> Result<(), String> {
                 "--tool=cachegrind".into(),
                 "--cache-sim=no".into(),
                 format!("--cachegrind-out-file={}", file.display()),
+                format!("--log-file={}", file.with_extension("log").display()),
             ];
             let addr = servers::free_addr()?;
             let mut server =

@@ -125,6 +125,8 @@ pub struct ServerResult {
     pub samples: Vec<Sample>,
     /// Latency histograms of all repetitions merged (for the plot).
     pub merged: Histogram<u64>,
+    /// Why the server failed the case, if it did (its samples then stop there).
+    pub failure: Option<String>,
 }
 
 impl ServerResult {
@@ -168,7 +170,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     let meds: Vec<Sample> = results.iter().map(ServerResult::median).collect();
     let base = results
         .iter()
-        .position(|r| r.name == "ringsock")
+        .position(|r| r.name == "ringsock" && r.failure.is_none())
         .map(|i| meds[i].clone());
     let ratio = |v: f64, b: Option<f64>| match b {
         Some(b) if b != 0.0 => format!("{:.2}x", v / b),
@@ -189,6 +191,10 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         )
         .ok();
         for (r, m) in results.iter().zip(&meds) {
+            if let Some(f) = &r.failure {
+                writeln!(out, "{:<18} FAILED: {f}", r.name).ok();
+                continue;
+            }
             writeln!(
                 out,
                 "{:<18} {:>12} {:>7} {:>12} {:>7} {:>10.2}",
@@ -226,6 +232,10 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     )
     .ok();
     for (r, m) in results.iter().zip(&meds) {
+        if let Some(f) = &r.failure {
+            writeln!(out, "{:<18} FAILED: {f}", r.name).ok();
+            continue;
+        }
         let b = base.as_ref();
         writeln!(
             out,
@@ -268,6 +278,7 @@ pub fn case_json(p: &Params, results: &[ServerResult], reps: usize) -> Value {
         "cpu": crate::sys::cpu_model(),
         "servers": results.iter().map(|r| json!({
             "name": r.name,
+            "failure": r.failure,
             "median": r.median().to_json(),
             "samples": r.samples.iter().map(Sample::to_json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -308,8 +319,8 @@ pub fn svg(title: &str, results: &[ServerResult]) -> String {
         .iter()
         .filter(|r| !r.merged.is_empty())
         .map(|r| r.merged.value_at_quantile(quantile(DECADES)) as f64 / 1e3)
-        .fold(1.0, f64::max)
-        * 1.05;
+        .fold(1.0, f64::max);
+    let y_max = nice_ceiling(y_max * 1.02);
     let px = |x: f64| L + x / DECADES * (W - L - R);
     let py = |y: f64| H - B - y / y_max * (H - T - B);
     let mut s = String::new();
@@ -395,6 +406,16 @@ pub fn svg(title: &str, results: &[ServerResult]) -> String {
     s
 }
 
+/// The smallest 1, 2, 2.5 or 5 times a power of ten that is at least `v`: round axis ticks.
+fn nice_ceiling(v: f64) -> f64 {
+    let decade = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * decade)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * decade)
+}
+
 /// Escapes text for SVG.
 fn xml(t: &str) -> String {
     t.replace('&', "&amp;")
@@ -428,10 +449,18 @@ mod tests {
             name: n.into(),
             samples: vec![],
             merged: h.clone(),
+            failure: None,
         });
         let svg = svg("t <x>", &results);
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("t &lt;x&gt;"));
+    }
+
+    #[test]
+    fn nice_ceiling_rounds_up_to_round_numbers() {
+        assert_eq!(nice_ceiling(71428.0), 100000.0);
+        assert_eq!(nice_ceiling(1.3), 2.0);
+        assert_eq!(nice_ceiling(230.0), 250.0);
     }
 
     #[test]
