@@ -337,7 +337,8 @@ fn client_that_stops_reading_is_bounded_and_drains() {
         "queued {max} bytes over a {mark}-byte mark"
     );
     assert!(probe.backpressure.load(Ordering::SeqCst) > 0);
-    assert_eq!(probe.drains.load(Ordering::SeqCst), 0);
+    // The kernel's socket buffers absorbed some output already, so drains may have fired.
+    let drains_before = probe.drains.load(Ordering::SeqCst);
     // Now read everything: the server drains, fires on_drain and reads again.
     let mut reader = c;
     reader
@@ -348,7 +349,7 @@ fn client_that_stops_reading_is_bounded_and_drains() {
         let frame = reader.read_frame();
         assert_eq!(frame.payload.len(), 16 * 1024);
     }
-    assert!(probe.drains.load(Ordering::SeqCst) > 0, "on_drain fired");
+    assert!(probe.drains.load(Ordering::SeqCst) > drains_before, "on_drain fired");
     handle.shutdown();
 }
 

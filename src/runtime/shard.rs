@@ -209,6 +209,10 @@ struct Conn<S> {
     peer_eof: bool,
     dead: bool,
     over_mark: bool,
+    /// Bytes received while over the high-water mark, not yet dispatched (see
+    /// [`Core::on_received`]); `stash_pos` is how far they were fed back.
+    stash: Vec<u8>,
+    stash_pos: usize,
     pinged: bool,
     last_rx: u64,
     /// Handshake or closing deadline (ms since shard start); 0 for none.
@@ -603,9 +607,9 @@ impl<H: Handler> Shard<H> {
             c.last_rx = now;
             c.pinged = false;
             if let Some(guard) = guard.as_mut() {
-                core.on_bytes(slot, guard.bytes());
+                core.on_received(slot, guard.bytes());
             } else if let Some(mut buf) = c.recv_buf.take() {
-                core.on_bytes(slot, buf.complete(res as usize));
+                core.on_received(slot, buf.complete(res as usize));
                 if let Some(c) = conn_at(&mut core.slots, slot, gen) {
                     c.recv_buf = Some(buf);
                 }
@@ -847,7 +851,18 @@ impl<H: Handler> Shard<H> {
         else {
             return;
         };
-        let want_read = !c.over_mark && !c.peer_eof && !c.dead;
+        if !c.over_mark && c.stash_pos < c.stash.len() {
+            core.feed_stash(slot);
+        }
+        let Some(c) = core
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        let stashed = c.stash_pos < c.stash.len();
+        let want_read = !c.over_mark && !stashed && !c.peer_eof && !c.dead;
         if want_read && !c.recv_armed {
             let ud = user_data(TAG_RECV, slot, gen);
             let armed = match bufs.as_ref() {
@@ -1003,6 +1018,8 @@ impl<H: Handler> Core<H> {
             peer_eof: false,
             dead: false,
             over_mark: false,
+            stash: Vec::new(),
+            stash_pos: 0,
             pinged: false,
             last_rx: self.now,
             deadline: self.now + self.config.timeouts.handshake.as_millis() as u64,
@@ -1045,6 +1062,77 @@ impl<H: Handler> Core<H> {
         sys::close(c.fd);
         self.free.push(slot);
         self.live -= 1;
+    }
+
+    /// Received bytes: dispatched at once, or stashed while the connection's output is over
+    /// the high-water mark (the receive is being cancelled, but completions already in the
+    /// queue still arrive). So output stays within the mark plus one receive buffer's worth
+    /// of replies, and the peer's excess waits in its own socket buffers.
+    fn on_received(&mut self, slot: u32, data: &mut [u8]) {
+        let mark = self.ctx.high_water_mark;
+        let Some(c) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        else {
+            return;
+        };
+        if c.over_mark || c.stash_pos < c.stash.len() {
+            c.stash.extend_from_slice(data);
+            return;
+        }
+        self.on_bytes(slot, data);
+        if let Some(c) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        {
+            if c.link.buffered() >= mark {
+                c.over_mark = true;
+            }
+        }
+    }
+
+    /// Feeds stashed bytes back, one receive buffer's worth at a time, until the output is
+    /// over the mark again or the stash is empty.
+    fn feed_stash(&mut self, slot: u32) {
+        let mark = self.ctx.high_water_mark;
+        let chunk = self.config.buffers.recv_buffer_size.max(1);
+        loop {
+            let Some(c) = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.conn.as_mut())
+            else {
+                return;
+            };
+            if c.dead || c.over_mark || c.stash_pos >= c.stash.len() {
+                if c.stash_pos >= c.stash.len() {
+                    c.stash_pos = 0;
+                    c.stash.clear();
+                    if c.stash.capacity() > self.keep_send_capacity {
+                        c.stash = Vec::new();
+                    }
+                }
+                return;
+            }
+            let mut stash = std::mem::take(&mut c.stash);
+            let start = c.stash_pos;
+            let end = stash.len().min(start + chunk);
+            c.stash_pos = end;
+            self.on_bytes(slot, &mut stash[start..end]);
+            let Some(c) = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.conn.as_mut())
+            else {
+                return;
+            };
+            c.stash = stash;
+            if c.link.buffered() >= mark {
+                c.over_mark = true;
+            }
+        }
     }
 
     /// Received bytes for a connection, by phase.
