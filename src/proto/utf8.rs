@@ -335,6 +335,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "exhaustive; too slow under Miri")]
     fn matches_std_on_every_string_of_up_to_two_bytes() {
         check_splits(&[]);
         for a in 0..=255u8 {
@@ -346,6 +347,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "exhaustive; too slow under Miri")]
     fn matches_std_on_every_boundary_byte_string_of_three_and_four_bytes() {
         // Every byte class edge of RFC 3629 §4, plus an ASCII byte.
         const EDGES: [u8; 22] = [
@@ -376,6 +378,7 @@ mod tests {
 
     proptest! {
         #[test]
+        #[cfg_attr(miri, ignore = "too slow under Miri")]
         fn matches_std_at_random_split_points(
             bytes in text_with_noise(),
             cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
@@ -394,6 +397,7 @@ mod tests {
         }
 
         #[test]
+        #[cfg_attr(miri, ignore = "too slow under Miri")]
         fn matches_std_on_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             check_splits(&bytes);
         }

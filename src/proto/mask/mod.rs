@@ -185,11 +185,13 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "exhaustive; too slow under Miri")]
     fn dispatcher_matches_scalar_at_every_length_offset_and_phase() {
         check_kernel(kernel_name(), 0..=300, apply_mask);
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "exhaustive; too slow under Miri")]
     fn dispatcher_matches_scalar_on_long_buffers() {
         check_kernel(
             kernel_name(),
@@ -199,6 +201,7 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "exhaustive; too slow under Miri")]
     fn portable_matches_scalar_at_every_length_offset_and_phase() {
         check_kernel("portable", 0..=300, apply_mask_portable);
     }
