@@ -33,7 +33,9 @@
 //! Obligations the RFC puts on the server are queued into the `out` sink during the call: a
 //! pong for every ping (§5.5.2), the close echo (§5.5.1), our close frame after a protocol error
 //! (§7.1.7). When [`Connection::state`] becomes [`State::Closed`], the caller flushes `out` and
-//! then closes TCP (the server closes first, §7.1.1).
+//! then closes TCP (the server closes first, §7.1.1); further input is ignored. Half-close
+//! (`shutdown(SHUT_WR)`) and reading until the peer's FIN keep the close frame from being lost
+//! to a reset.
 //!
 //! Text is validated as it arrives: invalid UTF-8 in a fragment or in a partial frame fails the
 //! connection (1007) as soon as the offending bytes are seen (§8.1), not at the end of the
@@ -117,8 +119,8 @@ pub enum Event<'a> {
         reason: &'a str,
     },
     /// The peer broke the protocol. Our close frame with the matching code has been queued and
-    /// the state is [`State::CloseSent`]; keep feeding reads to see the peer's close, or drop
-    /// TCP after a close timeout.
+    /// the state is [`State::Closed`]: the connection is failed (§7.1.7), so flush the output
+    /// and close TCP without waiting for the peer's close.
     Error(ProtocolError),
 }
 
@@ -144,8 +146,6 @@ struct FrameState {
     mask: [u8; 4],
     phase: usize,
     remaining: u64,
-    /// Discard the payload (after a protocol error).
-    skip: bool,
 }
 
 /// The data message being received.
@@ -181,10 +181,6 @@ pub struct Connection {
     config: Config,
     deflate: Option<Deflate>,
     state: State,
-    /// A protocol error happened: data is discarded, only a close frame is looked for.
-    failed: bool,
-    /// Frame boundaries are lost (a bad length): all input is discarded.
-    desync: bool,
     /// A header split across reads.
     header: [u8; MAX_HEADER_LEN],
     header_len: usize,
@@ -209,8 +205,6 @@ impl Connection {
             config,
             deflate,
             state: State::Open,
-            failed: false,
-            desync: false,
             header: [0; MAX_HEADER_LEN],
             header_len: 0,
             frame: None,
@@ -242,7 +236,7 @@ impl Connection {
         }
         let mut pos = 0;
         let ready = loop {
-            if self.state == State::Closed || self.desync {
+            if self.state == State::Closed {
                 // RFC 6455 §5.5.1: nothing after the close frame is processed.
                 pos = buf.len();
                 break None;
@@ -450,23 +444,17 @@ impl Connection {
         }
     }
 
-    /// Fails the connection (§7.1.7): queues our close with the error's code, then discards
-    /// everything but the peer's close frame.
+    /// Fails the connection (§7.1.7): queues our close with the error's code (unless ours is
+    /// out already) and ends the connection; everything after is ignored.
     fn fail<S: Sink>(&mut self, error: ProtocolError, out: &mut S) -> Ready {
         if self.state == State::Open {
             encode_close(out, Some(error.close_code()), b"");
-            self.state = State::CloseSent;
         }
-        self.failed = true;
+        self.state = State::Closed;
+        self.frame = None;
         self.message = None;
         self.reassembly = Vec::new();
         self.inflated = Vec::new();
-        if let Some(frame) = self.frame.as_mut() {
-            frame.skip = true;
-        }
-        if error == ProtocolError::InvalidLength {
-            self.desync = true;
-        }
         Ready::Error(error)
     }
 
@@ -503,38 +491,11 @@ impl Connection {
     /// Parses and validates a header at the start of `bytes` and sets up the frame. Returns
     /// the header length, or `None` if incomplete.
     fn parse_header(&mut self, bytes: &[u8]) -> Result<Option<usize>, ProtocolError> {
-        if self.failed {
-            return self.skip_header(bytes);
-        }
         let Some(header) = frame::parse_header(bytes)? else {
             return Ok(None);
         };
         self.begin_frame(&header)?;
         Ok(Some(header.header_len))
-    }
-
-    /// After a failure: find the frame's extent, keep close frames, skip the rest.
-    fn skip_header(&mut self, bytes: &[u8]) -> Result<Option<usize>, ProtocolError> {
-        let Some(raw) = frame::parse_raw(bytes)? else {
-            return Ok(None);
-        };
-        let is_close = raw.b0 & 0x0F == OpCode::Close.as_u8() && raw.payload_len <= 125;
-        self.frame = Some(FrameState {
-            opcode: if is_close {
-                OpCode::Close
-            } else {
-                OpCode::Binary
-            },
-            fin: true,
-            first: false,
-            whole: true,
-            mask: raw.mask.unwrap_or([0; 4]),
-            phase: 0,
-            remaining: raw.payload_len,
-            skip: !is_close,
-        });
-        self.control_len = 0;
-        Ok(Some(raw.header_len))
     }
 
     /// Applies the rules that need the connection's state to a new frame's header.
@@ -584,7 +545,6 @@ impl Connection {
             mask,
             phase: 0,
             remaining: header.payload_len,
-            skip: false,
         });
         Ok(())
     }
@@ -605,11 +565,6 @@ impl Connection {
         let end = start + take;
         *pos = end;
         let complete = take as u64 == frame.remaining;
-        if frame.skip {
-            frame.remaining -= take as u64;
-            self.frame = if complete { None } else { Some(frame) };
-            return Ok(None);
-        }
         let chunk = &mut buf[start..end];
         let whole = frame.whole;
         frame.phase = apply_mask(chunk, frame.mask, frame.phase);
@@ -718,7 +673,6 @@ impl Connection {
         out: &mut S,
     ) -> Result<Option<Ready>, ProtocolError> {
         match opcode {
-            OpCode::Ping if self.failed => Ok(None),
             OpCode::Ping => {
                 // RFC 6455 §5.5.2: answer with a pong carrying the same payload, unless our
                 // close is already out (§5.5.1: nothing may follow it).
@@ -727,7 +681,6 @@ impl Connection {
                 }
                 Ok(Some(Ready::Ping(source)))
             }
-            OpCode::Pong if self.failed => Ok(None),
             OpCode::Pong => Ok(Some(Ready::Pong(source))),
             _ => self.handle_close(payload, source, out).map(Some),
         }
@@ -744,17 +697,7 @@ impl Connection {
             Source::Control(r) => Source::Control((r.start + 2).min(r.end)..r.end),
             other => other.clone(),
         };
-        let parsed = parse_close(payload);
-        if self.failed {
-            // Our close is out already; whatever the peer's says, the handshake is over.
-            self.state = State::Closed;
-            let (code, source) = match parsed {
-                Ok(code) => (code, reason_source),
-                Err(_) => (None, Source::Control(0..0)),
-            };
-            return Ok(Ready::Close(code, source));
-        }
-        let code = parsed?;
+        let code = parse_close(payload)?;
         if self.state == State::Open {
             // RFC 6455 §5.5.1: echo the status code.
             encode_close(out, code, b"");

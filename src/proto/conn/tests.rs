@@ -311,7 +311,7 @@ fn rejects_a_64_bit_length_with_the_top_bit_set() {
     let (events, out) = drive_with(&mut conn, &[&frame, &client_frame(0x88, b"", MASK)]);
     assert_eq!(events, vec![Owned::Error(ProtocolError::InvalidLength)]);
     assert_eq!(close_code_sent(&out), Some(1002));
-    assert_eq!(conn.state(), State::CloseSent);
+    assert_eq!(conn.state(), State::Closed);
 }
 
 #[test]
@@ -358,7 +358,8 @@ fn rejects_a_message_that_ends_inside_a_code_point() {
 }
 
 #[test]
-fn finds_the_peers_close_after_failing_and_skips_other_frames() {
+fn fails_the_connection_and_ignores_everything_after_a_protocol_error() {
+    // RFC 6455 §7.1.7: after our close, TCP is closed; nothing the peer sends is processed.
     let mut conn = Connection::new(Config::default(), None);
     let bad = client_frame(0x83, b"reserved", MASK);
     let after = [
@@ -367,18 +368,25 @@ fn finds_the_peers_close_after_failing_and_skips_other_frames() {
         client_frame(0x88, &[3, 234], MASK),
     ];
     let (events, out) = drive_with(&mut conn, &[&bad, &after.concat()]);
-    assert_eq!(
-        events,
-        vec![
-            Owned::Error(ProtocolError::ReservedOpCode),
-            Owned::Close(Some(1002), String::new())
-        ]
-    );
+    assert_eq!(events, vec![Owned::Error(ProtocolError::ReservedOpCode)]);
     assert_eq!(
         server_frames(&out),
         vec![(0x88, vec![3, 234])],
         "one close, no pong after it"
     );
+    assert_eq!(conn.state(), State::Closed);
+}
+
+#[test]
+fn an_invalid_close_frame_ends_the_connection_at_once() {
+    // Autobahn 7.3.2/7.9.x: the peer's close was invalid; it sends no other, so we close TCP.
+    let mut conn = Connection::new(Config::default(), None);
+    let (events, out) = drive_with(&mut conn, &[&client_frame(0x88, &[0x03], MASK)]);
+    assert_eq!(
+        events,
+        vec![Owned::Error(ProtocolError::InvalidClosePayload)]
+    );
+    assert_eq!(close_code_sent(&out), Some(1002));
     assert_eq!(conn.state(), State::Closed);
 }
 
