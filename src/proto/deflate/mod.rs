@@ -15,20 +15,25 @@
 //!   which needs a streaming codec (libdeflate has none), so that direction uses zlib-rs through
 //!   flate2, allocated per connection on first use.
 //!
-//! Measured on x86_64 (glibc `mallinfo2`, `benches/deflate.rs` prints them again):
+//! Measured on x86_64 (glibc `mallinfo2` deltas; `benches/deflate.rs` prints them again):
 //!
-//! | state                                   | where           | bytes            |
-//! |-----------------------------------------|-----------------|------------------|
-//! | [`Deflate`] itself                      | per connection  | 40               |
-//! | libdeflate compressor, level 1..=9      | per thread      | ~656 KiB         |
-//! | libdeflate compressor, level 10..=12    | per thread      | ~8.6 MiB         |
-//! | libdeflate decompressor                 | per thread      | ~11 KiB          |
-//! | zlib-rs deflate, window 15 (takeover)   | per connection  | ~371 KiB         |
-//! | zlib-rs deflate, window 9 (takeover)    | per connection  | ~245 KiB         |
-//! | zlib-rs inflate, window 15 (takeover)   | per connection  | ~47 KiB + 32 KiB |
+//! | state                                   | where           | bytes      |
+//! |-----------------------------------------|-----------------|------------|
+//! | [`Deflate`] itself                      | per connection  | 40         |
+//! | libdeflate compressor, level 1          | per thread      | 200 KiB    |
+//! | libdeflate compressor, level 2..=9      | per thread      | ~656 KiB   |
+//! | libdeflate compressor, level 10..=12    | per thread      | ~8.6 MiB   |
+//! | libdeflate decompressor                 | per thread      | ~11 KiB    |
+//! | zlib-rs deflate, window 15 (takeover)   | per connection  | ~371 KiB   |
+//! | zlib-rs deflate, window 9 (takeover)    | per connection  | ~245 KiB   |
+//! | zlib-rs inflate, any window (takeover)  | per connection  | ~46 KiB    |
 //!
-//! A per-connection libdeflate compressor would cost its ~656 KiB on every connection, hence
-//! the per-thread sharing.
+//! So without takeover a connection costs 40 bytes of codec state, and a thread ~211 KiB
+//! however many connections it serves; with takeover both ways, ~417 KiB more per connection
+//! once it has sent and received a compressed message.
+//!
+//! A per-connection libdeflate compressor would cost its 200 KiB on every connection, hence the
+//! per-thread sharing (a thread-local cache, not a thread: the core still spawns nothing).
 
 mod negotiate;
 mod oneshot;
@@ -74,9 +79,10 @@ impl Default for DeflateConfig {
             // libdeflate level 1 compresses JSON-like text about as well as zlib level 6 at a
             // fraction of the time.
             level: 1,
-            // libdeflate pays a fixed ~3-4 µs per compressed message (it clears its hash
-            // tables); below ~128 bytes that buys less than 20 saved bytes. Measured in
-            // `benches/deflate.rs`.
+            // libdeflate pays a fixed ~3.5 µs of CPU per compressed message up to ~1 KiB (it
+            // clears its hash table) and the receiver ~1.5 µs (Huffman tables), while JSON-like
+            // text shrinks by nothing at 64 B, ~7% at 96 B, ~27% at 128 B, ~50% at 256 B
+            // (`benches/deflate.rs`).
             min_compress_size: 128,
             server_max_window_bits: MAX_WINDOW_BITS,
             client_max_window_bits: MAX_WINDOW_BITS,
@@ -125,6 +131,9 @@ pub struct Deflate {
     max_oneshot_len: usize,
     /// Whether the server takes over its context (then `max_oneshot_len` is unused).
     server_takeover: bool,
+    /// Inflated bytes per compressed byte in the last message, rounded up: the next message's
+    /// first output buffer guess, since libdeflate restarts on a buffer that is too small.
+    inflate_ratio: u8,
     /// The server-to-client compressor with server context takeover, made on first use.
     compressor: Option<Box<flate2::Compress>>,
     /// The client-to-server inflater with client context takeover, made on first use.
@@ -153,6 +162,9 @@ impl Deflate {
             min_compress_size: config.min_compress_size,
             max_oneshot_len,
             server_takeover,
+            // JSON-like text inflates 4-6x; starting higher saves a restart and costs only
+            // zero-filling a buffer that is at most max_len anyway.
+            inflate_ratio: 8,
             compressor: None,
             inflater: None,
         }
@@ -202,16 +214,27 @@ impl Deflate {
         max_len: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), InflateError> {
-        out.clear();
         // Not DEFLATE even with the tail appended, but zlib receivers take it as an empty
         // message (they wait for more input), so it is one; a takeover inflater must not
         // see it, or the tail would leave it mid-block.
         if input.is_empty() {
+            out.clear();
             return Ok(());
         }
         if self.params.client_no_context_takeover {
-            return oneshot::decompress(input, max_len, out);
+            let ratio = usize::from(self.inflate_ratio);
+            let result = oneshot::decompress(input, max_len, ratio, out);
+            if result.is_ok() {
+                let ratio = out
+                    .len()
+                    .div_ceil(input.len())
+                    .clamp(1, usize::from(u8::MAX));
+                // In 1..=255 after the clamp.
+                self.inflate_ratio = ratio as u8;
+            }
+            return result;
         }
+        out.clear();
         let bits = self.params.client_max_window_bits;
         let inflater = self.inflater.get_or_insert_with(|| stream::inflater(bits));
         stream::decompress(inflater, input, max_len, out)
@@ -839,6 +862,25 @@ mod tests {
         let mut out = Vec::new();
         let result = codec(no_takeover(15)).decompress(&corrupt, 1 << 20, &mut out);
         assert!(result.is_err() || out != payload);
+    }
+
+    #[test]
+    fn first_output_guess_follows_the_last_message() {
+        let mut deflate = codec(no_takeover(15));
+        let mut out = Vec::new();
+        let mut compressor = Compress::new(Compression::new(6), false);
+        for (payload, ratio) in [(vec![b'a'; 100_000], 255), (noise(5000, 9), 1)] {
+            let wire = zlib_send(&mut compressor, &payload);
+            deflate.decompress(&wire, 1 << 20, &mut out).unwrap();
+            assert_eq!(out, payload);
+            assert_eq!(deflate.inflate_ratio, ratio);
+        }
+    }
+
+    #[test]
+    fn codec_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Deflate>();
     }
 
     #[test]

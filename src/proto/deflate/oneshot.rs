@@ -1,9 +1,10 @@
 //! Per-message compression and inflation without context takeover, on libdeflate.
 //!
-//! Owns the per-thread libdeflate objects: a compressor per level (~656 KiB each at levels
-//! 1..=9) and one decompressor (~11 KiB), made on first use and shared by every connection the
-//! thread serves, plus a scratch buffer for the inflater's input. Nothing here outlives a call
-//! in a connection's state. Never holds the thread-local borrow across anything but libdeflate.
+//! Owns the per-thread libdeflate objects, made on first use and shared by every connection
+//! the thread serves: a compressor per level used (200 KiB at level 1, ~656 KiB at 2..=9), one
+//! decompressor (~11 KiB) and a scratch buffer for the inflater's input. Nothing here outlives
+//! a call in a connection's state. The thread-local borrow is held only around libdeflate
+//! calls, which call nothing back.
 
 use std::cell::RefCell;
 
@@ -18,8 +19,6 @@ use super::InflateError;
 /// BFINAL block stops the inflater there and the tail is ignored.
 const INFLATE_TAIL: [u8; 9] = [0x00, 0x00, 0xff, 0xff, 0x01, 0x00, 0x00, 0xff, 0xff];
 
-/// The first output buffer guess, as a multiple of the compressed size.
-const FIRST_GUESS_RATIO: usize = 4;
 /// The smallest first output buffer guess.
 const MIN_FIRST_GUESS: usize = 1024;
 /// How much the output buffer grows after libdeflate runs out of space. Each retry restarts
@@ -92,16 +91,22 @@ pub(super) fn final_stream_to_wire(stream: &mut Vec<u8>) {
     stream.push(0x00);
 }
 
-/// Inflates one self-contained message into `out` (empty on entry), at most `max_len` bytes.
+/// Inflates one self-contained message into `out`, at most `max_len` bytes.
 ///
-/// libdeflate inflates into a fixed buffer, so the buffer starts at a guess and grows
-/// [`GROWTH`]-fold up to `max_len` whenever libdeflate reports it too small; a message that
-/// needs more than `max_len` is [`InflateError::TooBig`]. Capacity `out` already has is reused;
-/// past it, the old buffer is freed before a larger one is allocated, so a decompression bomb
-/// costs at most `max_len` bytes of output buffer (libdeflate itself allocates nothing here).
+/// libdeflate inflates into a fixed buffer and restarts from scratch when it is too small, so
+/// the first size matters: `ratio` is the expected inflated size per compressed byte (the
+/// caller's estimate from earlier messages), given 25% headroom. On a miss the buffer grows
+/// [`GROWTH`]-fold, up to `max_len`; a message that needs more is [`InflateError::TooBig`].
+/// Capacity `out` already has is reused; past it, the old buffer is freed before a larger one
+/// is allocated, so a decompression bomb costs at most `max_len` bytes of output buffer
+/// (libdeflate itself allocates nothing here).
+///
+/// `out`'s old contents are overwritten, not cleared first, so reusing a buffer of similar
+/// size skips zero-filling it.
 pub(super) fn decompress(
     input: &[u8],
     max_len: usize,
+    ratio: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), InflateError> {
     SHARED.with_borrow_mut(|shared| {
@@ -116,10 +121,8 @@ pub(super) fn decompress(
         scratch.extend_from_slice(input);
         scratch.extend_from_slice(&INFLATE_TAIL);
 
-        let guess = input
-            .len()
-            .saturating_mul(FIRST_GUESS_RATIO)
-            .max(MIN_FIRST_GUESS);
+        let expected = input.len().saturating_mul(ratio);
+        let guess = expected.saturating_add(expected / 4).max(MIN_FIRST_GUESS);
         let mut size = guess.min(max_len);
         let result = loop {
             if size > out.capacity() {

@@ -3,7 +3,7 @@
 //!
 //! libdeflate only works on whole buffers, so it cannot carry a window across messages; these
 //! streams can, at the price of their memory per connection (~371 KiB to deflate with a
-//! 32 KiB window, ~79 KiB to inflate). Owns nothing but the per-message framing of the streams.
+//! 32 KiB window, ~46 KiB to inflate). Owns nothing but the per-message framing of the streams.
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
