@@ -76,8 +76,8 @@ impl Default for DeflateConfig {
             // Per-message compression: no codec memory per connection (see the module docs).
             server_context_takeover: false,
             client_context_takeover: false,
-            // libdeflate level 1 compresses JSON-like text about as well as zlib level 6 at a
-            // fraction of the time.
+            // libdeflate level 1 on 64 KiB of JSON-like text: 0.186 of the size in 87 µs, vs
+            // zlib-rs level 1 0.267 in 77 µs and level 6 0.170 in 498 µs.
             level: 1,
             // libdeflate pays a fixed ~3.5 µs of CPU per compressed message up to ~1 KiB (it
             // clears its hash table) and the receiver ~1.5 µs (Huffman tables), while JSON-like
@@ -237,7 +237,11 @@ impl Deflate {
         out.clear();
         let bits = self.params.client_max_window_bits;
         let inflater = self.inflater.get_or_insert_with(|| stream::inflater(bits));
-        stream::decompress(inflater, input, max_len, out)
+        let result = stream::decompress(inflater, input, max_len, out);
+        if result.is_err() {
+            out.clear();
+        }
+        result
     }
 }
 
@@ -874,6 +878,40 @@ mod tests {
             deflate.decompress(&wire, 1 << 20, &mut out).unwrap();
             assert_eq!(out, payload);
             assert_eq!(deflate.inflate_ratio, ratio);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_payload_round_trips(
+            payload in proptest::collection::vec(proptest::sample::select(b"ab{}\":,0123 \xff".to_vec()), 0..3000),
+            bits in 8u8..=15,
+        ) {
+            let mut deflate = codec(no_takeover(bits));
+            let (mut wire, mut back) = (Vec::new(), Vec::new());
+            if deflate.compress(&payload, &mut wire) {
+                proptest::prop_assert!(wire.len() < payload.len());
+                deflate.decompress(&wire, payload.len(), &mut back).unwrap();
+                proptest::prop_assert_eq!(&back, &payload);
+                let (out, max_distance) = inflate_with_max_distance(&wire).unwrap();
+                proptest::prop_assert_eq!(out, payload);
+                proptest::prop_assert!(max_distance <= 1 << bits);
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_never_inflates_past_the_limit(
+            input in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            max_len in 0usize..5000,
+        ) {
+            for params in [no_takeover(15), takeover()] {
+                let mut out = Vec::new();
+                match codec(params).decompress(&input, max_len, &mut out) {
+                    Ok(()) => proptest::prop_assert!(out.len() <= max_len),
+                    Err(_) => proptest::prop_assert!(out.is_empty()),
+                }
+                proptest::prop_assert!(out.capacity() <= max_len.max(1024) + 1);
+            }
         }
     }
 

@@ -683,6 +683,50 @@ mod tests {
         );
     }
 
+    const PIECES: [&str; 20] = [
+        "permessage-deflate",
+        "x-foo",
+        ";",
+        ",",
+        "=",
+        " ",
+        "\t",
+        "\"",
+        "\\",
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+        "server_max_window_bits",
+        "client_max_window_bits",
+        "8",
+        "9",
+        "10",
+        "15",
+        "16",
+        "07",
+        "@",
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn any_header_gets_a_valid_answer_or_none(
+            headers in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(&PIECES[..]), 0..16),
+                0..3,
+            ),
+        ) {
+            let values: Vec<String> = headers.iter().map(|pieces| pieces.concat()).collect();
+            let offers: Vec<&str> = values.iter().map(String::as_str).collect();
+            if let Some((params, answer)) = params_of(&offers, &DeflateConfig::default()) {
+                proptest::prop_assert!(answer.starts_with(NO_TAKEOVER), "{}", answer);
+                proptest::prop_assert!((8..=15).contains(&params.server_max_window_bits));
+                // The answer itself is a well-formed permessage-deflate element.
+                let mut parser = Parser { input: answer.as_bytes(), pos: 0 };
+                proptest::prop_assert!(matches!(parser.next_element(), Some(Ok(Some(_)))));
+                proptest::prop_assert!(parser.next_element().is_none());
+            }
+        }
+    }
+
     #[test]
     fn never_answers_client_max_window_bits_that_was_not_offered() {
         for server_takeover in [false, true] {
