@@ -100,6 +100,8 @@ pub struct Outcome {
     pub latency: Histogram<u64>,
     /// Server CPU time in the window (all its threads).
     pub server_cpu_ns: Option<u64>,
+    /// Time the server's threads waited for a CPU in the window.
+    pub server_wait_ns: Option<u64>,
     /// The generator's own CPU time in the window.
     pub generator_cpu_ns: u64,
     /// Server memory before and after opening the connections (connections scenario).
@@ -344,10 +346,13 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     }
     let stop = stopped_at.unwrap_or(measured_at);
     let seconds = stop.duration_since(measured_at).as_secs_f64();
-    let (server_cpu_ns, generator_cpu_ns) = match (cpu0, cpu1) {
-        ((s0, g0), Some((s1, g1))) => (s1.zip(s0).map(|(b, a)| b.saturating_sub(a)), g1 - g0),
+    let (server, generator_cpu_ns) = match (cpu0, cpu1) {
+        ((Some(s0), g0), Some((Some(s1), g1))) => (Some((s0, s1)), g1 - g0),
+        ((_, g0), Some((_, g1))) => (None, g1 - g0),
         _ => (None, 0),
     };
+    let server_cpu_ns = server.map(|(a, b)| b.run.saturating_sub(a.run));
+    let server_wait_ns = server.map(|(a, b)| b.wait.saturating_sub(a.wait));
 
     // Phase 3: a clean close (RFC 6455 §7.1.2) on each connection; replies are not awaited.
     for (i, conn) in conns.iter_mut().enumerate() {
@@ -364,6 +369,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         seconds,
         latency,
         server_cpu_ns,
+        server_wait_ns,
         generator_cpu_ns,
         memory,
         connect_seconds,
@@ -518,10 +524,10 @@ fn pump_idle(poll: &mut Poll, events: &mut Events, d: Duration) -> Result<(), St
     Ok(())
 }
 
-/// (server CPU ns, generator CPU ns) now.
-fn cpu_now(pid: Option<u32>) -> (Option<u64>, u64) {
+/// (server scheduler times, generator CPU ns) now.
+fn cpu_now(pid: Option<u32>) -> (Option<sys::Sched>, u64) {
     (
-        pid.and_then(|p| sys::process_cpu_ns(p).ok()),
+        pid.and_then(|p| sys::process_sched(p).ok()),
         sys::self_cpu_ns(),
     )
 }

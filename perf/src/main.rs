@@ -255,6 +255,13 @@ fn prepare(args: &Args) -> Result<(), String> {
     if let Err(e) = sys::pin_to_core(core) {
         eprintln!("note: cannot pin the generator to core {core}: {e}");
     }
+    let load = sys::loadavg();
+    if load > 1.5 {
+        eprintln!(
+            "note: load average {load:.1}: other processes compete for the cores, so rates and \
+             latencies are noisy; server ns/msg and wait% show how much"
+        );
+    }
     let limit = sys::raise_fd_limit().map_err(|e| format!("setrlimit(NOFILE): {e}"))?;
     if let Some(c) = args.get("conns").and_then(|v| v.parse::<u64>().ok()) {
         if c + 64 > limit {

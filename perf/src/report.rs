@@ -21,6 +21,9 @@ pub struct Sample {
     pub latency_us: [f64; 5],
     /// Server CPU time / wall time, in percent of one core.
     pub server_cpu_pct: f64,
+    /// Time the server was runnable but not running / wall time, in percent: CPU the server
+    /// wanted and did not get because other processes held its core.
+    pub server_wait_pct: f64,
     /// Generator CPU time / wall time, in percent of one core.
     pub generator_cpu_pct: f64,
     /// Server CPU time per echoed message, in ns.
@@ -61,6 +64,7 @@ impl Sample {
             bytes_per_sec: o.messages as f64 * p.size as f64 / secs,
             latency_us,
             server_cpu_pct: server_cpu / (secs * 1e9) * 100.0,
+            server_wait_pct: o.server_wait_ns.unwrap_or(0) as f64 / (secs * 1e9) * 100.0,
             generator_cpu_pct: o.generator_cpu_ns as f64 / (secs * 1e9) * 100.0,
             server_ns_per_msg: if o.messages > 0 {
                 server_cpu / o.messages as f64
@@ -89,6 +93,7 @@ impl Sample {
             bytes_per_sec: med(&|s| s.bytes_per_sec),
             latency_us,
             server_cpu_pct: med(&|s| s.server_cpu_pct),
+            server_wait_pct: med(&|s| s.server_wait_pct),
             generator_cpu_pct: med(&|s| s.generator_cpu_pct),
             server_ns_per_msg: med(&|s| s.server_ns_per_msg),
             rss_per_conn: med(&|s| s.rss_per_conn),
@@ -107,6 +112,7 @@ impl Sample {
                 "p99_9": self.latency_us[3], "max": self.latency_us[4],
             },
             "server_cpu_pct": self.server_cpu_pct,
+            "server_wait_pct": self.server_wait_pct,
             "generator_cpu_pct": self.generator_cpu_pct,
             "server_ns_per_msg": self.server_ns_per_msg,
             "rss_per_conn": self.rss_per_conn,
@@ -211,7 +217,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     }
     writeln!(
         out,
-        "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>5} {:>5} \
+        "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} \
          {:>8} {:>6}",
         "server",
         "msg/s",
@@ -226,6 +232,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         "p99.9",
         "max",
         "srv%",
+        "wait%",
         "gen%",
         "ns/msg",
         "ratio"
@@ -240,7 +247,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         writeln!(
             out,
             "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8.1} {:>6} {:>8.1} {:>8.1} {:>6} {:>8.1} {:>8.1} \
-             {:>5.0} {:>5.0} {:>8.0} {:>6}",
+             {:>5.0} {:>5.0} {:>5.0} {:>8.0} {:>6}",
             r.name,
             crate::generator::si(m.msgs_per_sec),
             ratio(m.msgs_per_sec, b.map(|b| b.msgs_per_sec)),
@@ -254,6 +261,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             m.latency_us[3],
             m.latency_us[4],
             m.server_cpu_pct,
+            m.server_wait_pct,
             m.generator_cpu_pct,
             m.server_ns_per_msg,
             ratio(m.server_ns_per_msg, b.map(|b| b.server_ns_per_msg)),
@@ -276,6 +284,7 @@ pub fn case_json(p: &Params, results: &[ServerResult], reps: usize) -> Value {
         "duration_s": p.duration.as_secs_f64(),
         "reps": reps,
         "cpu": crate::sys::cpu_model(),
+        "loadavg_1m": crate::sys::loadavg(),
         "servers": results.iter().map(|r| json!({
             "name": r.name,
             "failure": r.failure,

@@ -31,20 +31,30 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-/// Total CPU time (ns) that all threads of `pid` have run, from `/proc/PID/task/*/schedstat`
-/// (first field: time spent on the CPU). Threads that exited before the call are not counted, so
-/// callers take deltas over a window in which the server's threads live throughout.
-pub fn process_cpu_ns(pid: u32) -> io::Result<u64> {
-    let mut total = 0u64;
+/// Scheduler time of all threads of a process, in ns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sched {
+    /// Time spent running on a CPU (schedstat field 1).
+    pub run: u64,
+    /// Time spent runnable but waiting for a CPU (schedstat field 2): high when other processes
+    /// compete for the server's core.
+    pub wait: u64,
+}
+
+/// Sums `/proc/PID/task/*/schedstat` over the threads of `pid`. Threads that exited before the
+/// call are not counted, so callers take deltas over a window in which the server's threads live
+/// throughout.
+pub fn process_sched(pid: u32) -> io::Result<Sched> {
+    let mut total = Sched::default();
     for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
         let path = entry?.path().join("schedstat");
         // A thread may exit between listing and reading; skip it.
         if let Ok(text) = fs::read_to_string(path) {
-            total += text
+            let mut fields = text
                 .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            total.run += fields.next().unwrap_or(0);
+            total.wait += fields.next().unwrap_or(0);
         }
     }
     Ok(total)
@@ -127,6 +137,15 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The 1-minute load average (`/proc/loadavg`); above ~2 on this 2-core machine, other
+/// processes compete with the server and generator, and timings are noisy.
+pub fn loadavg() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The CPU model name from `/proc/cpuinfo`, for reports.
 pub fn cpu_model() -> String {
     fs::read_to_string("/proc/cpuinfo")
@@ -162,7 +181,7 @@ mod tests {
         let own = thread_cpu_ns();
         assert!(own > before);
         // Other test threads may come and go, but this one is in the sum.
-        assert!(process_cpu_ns(pid).unwrap() >= own);
+        assert!(process_sched(pid).unwrap().run >= own);
         assert!(memory(pid).unwrap().rss > 0);
     }
 }
