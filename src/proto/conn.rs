@@ -245,6 +245,11 @@ impl Connection {
                 // Out of input; a zero-length frame whose header just arrived still completes.
                 break None;
             }
+            if self.frame.is_none() && self.header_len == 0 && self.message.is_none() {
+                if let Some(ready) = self.read_whole_frame(buf, &mut pos) {
+                    break Some(ready);
+                }
+            }
             if self.frame.is_none() {
                 match self.read_header(&buf[pos..]) {
                     Ok(Some(used)) => pos += used,
@@ -456,6 +461,50 @@ impl Connection {
         self.reassembly = Vec::new();
         self.inflated = Vec::new();
         Ready::Error(error)
+    }
+
+    /// The hot path: a complete, unfragmented, masked text or binary frame of up to 64 KiB
+    /// with no RSV bits, wholly inside `buf[*pos..]`, and no partial state to continue. It is
+    /// unmasked in place and handed out; anything else returns `None` and takes the general
+    /// path, which applies every rule.
+    #[inline]
+    fn read_whole_frame(&mut self, buf: &mut [u8], pos: &mut usize) -> Option<Ready> {
+        let input = &buf[*pos..];
+        let (&b0, &b1) = (input.first()?, input.get(1)?);
+        // FIN set, RSV clear, opcode text (1) or binary (2); MASK set.
+        let opcode = match b0 {
+            0x81 => OpCode::Text,
+            0x82 => OpCode::Binary,
+            _ => return None,
+        };
+        if b1 & 0x80 == 0 {
+            return None;
+        }
+        let (len, header_len) = match b1 & 0x7F {
+            126 => (
+                usize::from(u16::from_be_bytes([*input.get(2)?, *input.get(3)?])),
+                8,
+            ),
+            127 => return None,
+            n => (usize::from(n), 6),
+        };
+        if input.len() < header_len + len
+            || len > self.config.max_frame_size
+            || len > self.config.max_message_size
+        {
+            return None;
+        }
+        let mask = [
+            input[header_len - 4],
+            input[header_len - 3],
+            input[header_len - 2],
+            input[header_len - 1],
+        ];
+        let start = *pos + header_len;
+        let end = start + len;
+        apply_mask(&mut buf[start..end], mask, 0);
+        *pos = end;
+        Some(Ready::Data(opcode, Source::Input(start..end)))
     }
 
     /// Reads a frame header from `input`, possibly completing one split across reads.

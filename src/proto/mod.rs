@@ -8,7 +8,8 @@
 //! * [`deflate`]: permessage-deflate negotiation and the per-message codec.
 //! * [`conn`]: the connection state machine that ties them together.
 //!
-//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live.
+//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live, and in
+//! [`utf8::validate`]'s ASCII fast path (one line, checked by `is_ascii` just before it).
 #![deny(unsafe_code)]
 
 pub mod conn;

@@ -27,7 +27,15 @@ impl std::error::Error for Utf8Error {}
 /// # Errors
 /// If `bytes` is not valid UTF-8.
 #[inline]
+#[allow(unsafe_code)]
 pub fn validate(bytes: &[u8]) -> Result<&str, Utf8Error> {
+    // Short messages are the common case, and below 64 bytes simdutf8 defers to std's
+    // byte-wise validator (~120 instructions for 16 unaligned bytes); a word-wise ASCII check
+    // takes ~20. Measured with callgrind on a 16-byte text frame (benches/frame.rs).
+    if bytes.len() < 64 && bytes.is_ascii() {
+        // SAFETY: every byte is below 0x80, and a string of ASCII bytes is valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
     simdutf8::basic::from_utf8(bytes).map_err(|_| Utf8Error)
 }
 
