@@ -455,7 +455,7 @@ fn instr_cmd(args: &Args) -> Result<(), String> {
             generator::run(&p).map_err(|e| format!("{}: {e}", kind.name()))?;
             // Let the server see the close frames before it is stopped.
             std::thread::sleep(Duration::from_millis(500));
-            server.stop(Duration::from_secs(60));
+            server.stop_poking(Duration::from_secs(60), Some(addr));
             counts.push(read_ir(&file)?);
         }
         let per = (counts[1] as f64 - counts[0] as f64) / n as f64;

@@ -168,6 +168,14 @@ impl ServerProc {
 
     /// Stops the child: SIGTERM, then SIGKILL if it has not exited after `grace`.
     pub fn stop(&mut self, grace: Duration) {
+        self.stop_poking(grace, None);
+    }
+
+    /// Like [`stop`](Self::stop), but while waiting, connects to `poke` every 200 ms. Valgrind
+    /// runs one guest thread at a time and (3.19) holds its lock across `io_uring_enter`, so a
+    /// server blocked there never runs its SIGTERM handler until some I/O completes; a connection
+    /// provides that I/O, and the server exits and valgrind writes its counts.
+    pub fn stop_poking(&mut self, grace: Duration, poke: Option<SocketAddr>) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
@@ -175,9 +183,14 @@ impl ServerProc {
         // returned no status), so the pid cannot have been reused.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let start = Instant::now();
+        let mut last_poke = start;
         while start.elapsed() < grace {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
+            }
+            if let Some(addr) = poke.filter(|_| last_poke.elapsed() >= Duration::from_millis(200)) {
+                last_poke = Instant::now();
+                let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
