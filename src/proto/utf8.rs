@@ -92,6 +92,9 @@ impl Utf8Validator {
         // `body` ends right before a lead byte or at the chunk's end, so valid UTF-8 splits
         // there into valid parts: if `body` is invalid, so is every extension of the stream.
         validate(body)?;
+        if tail.is_empty() {
+            return Ok(());
+        }
         if !is_code_point_prefix(tail) {
             return Err(Utf8Error);
         }
