@@ -349,7 +349,10 @@ fn client_that_stops_reading_is_bounded_and_drains() {
         let frame = reader.read_frame();
         assert_eq!(frame.payload.len(), 16 * 1024);
     }
-    assert!(probe.drains.load(Ordering::SeqCst) > drains_before, "on_drain fired");
+    assert!(
+        probe.drains.load(Ordering::SeqCst) > drains_before,
+        "on_drain fired"
+    );
     handle.shutdown();
 }
 
@@ -470,4 +473,48 @@ fn shutdown_with_unresponsive_clients_is_bounded_by_the_close_timeout() {
     handle.shutdown();
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(probe.close_codes(), vec![Some(1006)]);
+}
+
+/// Inflates a permessage-deflate payload (RFC 7692 §7.2.2: append `00 00 ff ff`; a final
+/// empty stored block ends the stream for a one-shot inflater).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff, 0x01, 0x00, 0x00, 0xff, 0xff]);
+    let mut out = vec![0u8; 1 << 20];
+    let n = libdeflater::Decompressor::new()
+        .deflate_decompress(&input, &mut out)
+        .expect("valid deflate data");
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn replies_from_on_message_are_compressed_when_deflate_was_negotiated() {
+    let (handle, _) = start(builder());
+    let mut c = RawClient::connect_tcp(handle.local_addr());
+    let head = c.request("/", "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("permessage-deflate"),
+        "{head}"
+    );
+    let text = "compressible ".repeat(100);
+    // Uncompressed frames stay legal after negotiation (RSV1 clear); the echo is compressed.
+    c.send_frame(true, 1, text.as_bytes());
+    c.send_frame(true, 1, b"tiny");
+    let big = c.read_frame();
+    assert!(big.rsv1, "a large reply is compressed");
+    assert!(big.payload.len() < text.len());
+    assert_eq!(inflate(&big.payload), text.as_bytes());
+    let small = c.read_frame();
+    assert_eq!(
+        (small.rsv1, small.payload.as_slice()),
+        (false, &b"tiny"[..])
+    );
+    // Within one callback a compressed message is encoded after it, yet order is kept.
+    c.send_frame(true, 1, b"cmd:pair");
+    let first = c.read_frame();
+    assert_eq!(inflate(&first.payload), text.as_bytes());
+    assert_eq!(c.read_frame().payload, b"small");
+    handle.shutdown();
 }

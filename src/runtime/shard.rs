@@ -68,7 +68,7 @@ pub(crate) struct Link {
     /// Messages queued while the engine was borrowed (payloads back to back).
     pub deferred: Vec<u8>,
     /// (opcode, length, compress) of each deferred message.
-    pub deferred_msgs: Vec<(OpCode, usize)>,
+    pub deferred_msgs: Vec<(OpCode, usize, bool)>,
     pub topics: Vec<Arc<str>>,
     /// `on_close` was called.
     pub notified: bool,
@@ -950,10 +950,14 @@ fn settle_callback<S>(c: &mut Conn<S>, now: u64, close_ms: u64) {
     let Some(ws) = c.ws.as_mut() else { return };
     if !c.link.deferred_msgs.is_empty() {
         let mut start = 0;
-        for &(opcode, len) in &c.link.deferred_msgs {
+        for &(opcode, len, compress) in &c.link.deferred_msgs {
             let payload = &c.link.deferred[start..start + len];
             start += len;
-            let _ = ws.conn.send(&mut c.link.out, opcode, payload, true);
+            if compress {
+                let _ = ws.conn.send(&mut c.link.out, opcode, payload, true);
+            } else {
+                crate::server::ws::encode_frame(&mut c.link.out, opcode, payload);
+            }
         }
         c.link.deferred_msgs.clear();
         c.link.deferred.clear();
@@ -1264,6 +1268,7 @@ impl<H: Handler> Core<H> {
                 state,
                 ctx: &mut self.ctx,
             };
+            let failed = matches!(event, Event::Error(_));
             match event {
                 // After a close was sent or asked for, data is read but not delivered.
                 Event::Text(text) if ws.link.open => {
@@ -1288,6 +1293,11 @@ impl<H: Handler> Core<H> {
                 _ => {}
             }
             settle_callback(c, now, close_ms);
+            if failed {
+                // RFC 6455 §7.1.7: failing the connection closes it; after our close frame
+                // the server closes TCP first (§7.1.1) and reads on only until the peer's FIN.
+                c.close_after_flush = true;
+            }
             if pos >= data.len()
                 && c.ws
                     .as_ref()

@@ -202,20 +202,19 @@ pub(crate) fn queue_message(
     if !link.open || link.buffered() > limits.max_buffered {
         return SendStatus::Dropped;
     }
-    if link.compress && payload.len() >= link.min_compress {
-        match conn {
-            Some(conn) => {
-                if conn.send(&mut link.out, opcode, payload, true).is_err() {
-                    return SendStatus::Dropped;
-                }
-            }
-            None => {
-                link.deferred.extend_from_slice(payload);
-                link.deferred_msgs.push((opcode, payload.len()));
+    let compress = link.compress && payload.len() >= link.min_compress;
+    match conn {
+        Some(conn) if compress => {
+            if conn.send(&mut link.out, opcode, payload, true).is_err() {
+                return SendStatus::Dropped;
             }
         }
-    } else {
-        encode_frame(&mut link.out, opcode, payload);
+        // Keep order behind messages already deferred in this callback.
+        None if compress || !link.deferred_msgs.is_empty() => {
+            link.deferred.extend_from_slice(payload);
+            link.deferred_msgs.push((opcode, payload.len(), compress));
+        }
+        _ => encode_frame(&mut link.out, opcode, payload),
     }
     link.status(limits)
 }

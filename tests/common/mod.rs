@@ -35,7 +35,8 @@ impl Probe {
 /// Echoes messages; text messages starting with `cmd:` are commands:
 /// `cmd:close` closes with 4000, `cmd:sub:T` subscribes to T and answers `subscribed`,
 /// `cmd:pub:T:M` publishes M to T, `cmd:shard` answers `shard:N`,
-/// `cmd:flood:N:SIZE` sends N binary messages of SIZE bytes.
+/// `cmd:flood:N:SIZE` sends N binary messages of SIZE bytes, `cmd:pair` sends a large then a
+/// small text message.
 pub struct TestHandler {
     pub probe: Arc<Probe>,
 }
@@ -104,6 +105,10 @@ impl TestHandler {
                 ws.send_text("subscribed");
             }
             ["pub", topic, msg] => ws.publish(topic, Message::Text(msg)),
+            ["pair"] => {
+                ws.send_text(&"compressible ".repeat(100));
+                ws.send_text("small");
+            }
             ["shard"] => {
                 let shard = ws.shard();
                 ws.send_text(&format!("shard:{shard}"));
