@@ -305,9 +305,16 @@ impl Ring {
     pub fn cancel_all(&mut self) -> io::Result<()> {
         let _ = self.uring.submit();
         let timeout = Timespec::new().sec(1);
-        self.uring
+        let cancel = CancelBuilder::any().all();
+        match self
+            .uring
             .submitter()
-            .register_sync_cancel(Some(timeout), CancelBuilder::any().all())
+            .register_sync_cancel(Some(timeout), cancel)
+        {
+            // Nothing was in flight.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
     }
 
     /// Registers `pool`'s slabs as fixed buffers.

@@ -293,12 +293,21 @@ impl<H: Handler> Shard<H> {
                 format!("io_uring lacks {} (needs Linux 5.19+)", missing.join(", ")),
             ));
         }
+        if !kernel_at_least(5, 19) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring too old: ringsock needs Linux 5.19+ (multishot accept)",
+            ));
+        }
         let multishot_recv = kernel_at_least(6, 0);
         let mut bufs = None;
         if b.use_buffer_ring && multishot_recv {
-            let mut ring_bufs = BufRing::new(b.recv_buffers, b.recv_buffer_size, 0)?;
-            match ring.register_buf_ring(&mut ring_bufs) {
-                Ok(()) => bufs = Some(ring_bufs),
+            let registered =
+                BufRing::new(b.recv_buffers, b.recv_buffer_size, 0).and_then(|mut ring_bufs| {
+                    ring.register_buf_ring(&mut ring_bufs).map(|()| ring_bufs)
+                });
+            match registered {
+                Ok(ring_bufs) => bufs = Some(ring_bufs),
                 Err(e) if index == 0 => {
                     warn_log!("no provided-buffer ring ({e}): using single-shot receives")
                 }
@@ -310,7 +319,14 @@ impl<H: Handler> Shard<H> {
             let mut count = b.send_slabs;
             let mut last_err = None;
             while count >= 4 {
-                let candidate = FixedPool::new(count, b.send_slab_size)?;
+                let candidate = match FixedPool::new(count, b.send_slab_size) {
+                    Ok(candidate) => candidate,
+                    Err(e) => {
+                        last_err = Some(e);
+                        count /= 2;
+                        continue;
+                    }
+                };
                 match ring.register_pool(&candidate) {
                     Ok(()) => {
                         pool = Some(candidate);
