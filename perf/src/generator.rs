@@ -104,6 +104,8 @@ pub struct Outcome {
     pub server_wait_ns: Option<u64>,
     /// The generator's own CPU time in the window.
     pub generator_cpu_ns: u64,
+    /// Time the generator waited for a CPU in the window.
+    pub generator_wait_ns: u64,
     /// Server memory before and after opening the connections (connections scenario).
     pub memory: Option<(sys::Memory, sys::Memory)>,
     /// Time taken to open and handshake all connections.
@@ -346,11 +348,13 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     }
     let stop = stopped_at.unwrap_or(measured_at);
     let seconds = stop.duration_since(measured_at).as_secs_f64();
-    let (server, generator_cpu_ns) = match (cpu0, cpu1) {
-        ((Some(s0), g0), Some((Some(s1), g1))) => (Some((s0, s1)), g1 - g0),
-        ((_, g0), Some((_, g1))) => (None, g1 - g0),
-        _ => (None, 0),
+    let (server, generator) = match (cpu0, cpu1) {
+        ((Some(s0), g0), Some((Some(s1), g1))) => (Some((s0, s1)), (g0, g1)),
+        ((_, g0), Some((_, g1))) => (None, (g0, g1)),
+        _ => (None, Default::default()),
     };
+    let generator_cpu_ns = generator.1.run.saturating_sub(generator.0.run);
+    let generator_wait_ns = generator.1.wait.saturating_sub(generator.0.wait);
     let server_cpu_ns = server.map(|(a, b)| b.run.saturating_sub(a.run));
     let server_wait_ns = server.map(|(a, b)| b.wait.saturating_sub(a.wait));
 
@@ -371,6 +375,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         server_cpu_ns,
         server_wait_ns,
         generator_cpu_ns,
+        generator_wait_ns,
         memory,
         connect_seconds,
     })
@@ -524,11 +529,11 @@ fn pump_idle(poll: &mut Poll, events: &mut Events, d: Duration) -> Result<(), St
     Ok(())
 }
 
-/// (server scheduler times, generator CPU ns) now.
-fn cpu_now(pid: Option<u32>) -> (Option<sys::Sched>, u64) {
+/// (server, generator) scheduler times now. The generator is this single-threaded process.
+fn cpu_now(pid: Option<u32>) -> (Option<sys::Sched>, sys::Sched) {
     (
         pid.and_then(|p| sys::process_sched(p).ok()),
-        sys::self_cpu_ns(),
+        sys::process_sched(std::process::id()).unwrap_or_default(),
     )
 }
 

@@ -26,6 +26,8 @@ pub struct Sample {
     pub server_wait_pct: f64,
     /// Generator CPU time / wall time, in percent of one core.
     pub generator_cpu_pct: f64,
+    /// Time the generator was runnable but not running / wall time, in percent.
+    pub generator_wait_pct: f64,
     /// Server CPU time per echoed message, in ns.
     pub server_ns_per_msg: f64,
     /// Server RSS growth per connection, in bytes (connections scenario).
@@ -66,6 +68,7 @@ impl Sample {
             server_cpu_pct: server_cpu / (secs * 1e9) * 100.0,
             server_wait_pct: o.server_wait_ns.unwrap_or(0) as f64 / (secs * 1e9) * 100.0,
             generator_cpu_pct: o.generator_cpu_ns as f64 / (secs * 1e9) * 100.0,
+            generator_wait_pct: o.generator_wait_ns as f64 / (secs * 1e9) * 100.0,
             server_ns_per_msg: if o.messages > 0 {
                 server_cpu / o.messages as f64
             } else {
@@ -95,6 +98,7 @@ impl Sample {
             server_cpu_pct: med(&|s| s.server_cpu_pct),
             server_wait_pct: med(&|s| s.server_wait_pct),
             generator_cpu_pct: med(&|s| s.generator_cpu_pct),
+            generator_wait_pct: med(&|s| s.generator_wait_pct),
             server_ns_per_msg: med(&|s| s.server_ns_per_msg),
             rss_per_conn: med(&|s| s.rss_per_conn),
             pss_per_conn: med(&|s| s.pss_per_conn),
@@ -114,6 +118,7 @@ impl Sample {
             "server_cpu_pct": self.server_cpu_pct,
             "server_wait_pct": self.server_wait_pct,
             "generator_cpu_pct": self.generator_cpu_pct,
+            "generator_wait_pct": self.generator_wait_pct,
             "server_ns_per_msg": self.server_ns_per_msg,
             "rss_per_conn": self.rss_per_conn,
             "pss_per_conn": self.pss_per_conn,
@@ -217,7 +222,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     }
     writeln!(
         out,
-        "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} \
+        "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>6} \
          {:>8} {:>6}",
         "server",
         "msg/s",
@@ -234,6 +239,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         "srv%",
         "wait%",
         "gen%",
+        "gwait%",
         "ns/msg",
         "ratio"
     )
@@ -247,7 +253,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         writeln!(
             out,
             "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8.1} {:>6} {:>8.1} {:>8.1} {:>6} {:>8.1} {:>8.1} \
-             {:>5.0} {:>5.0} {:>5.0} {:>8.0} {:>6}",
+             {:>5.0} {:>5.0} {:>5.0} {:>6.0} {:>8.0} {:>6}",
             r.name,
             crate::generator::si(m.msgs_per_sec),
             ratio(m.msgs_per_sec, b.map(|b| b.msgs_per_sec)),
@@ -263,6 +269,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             m.server_cpu_pct,
             m.server_wait_pct,
             m.generator_cpu_pct,
+            m.generator_wait_pct,
             m.server_ns_per_msg,
             ratio(m.server_ns_per_msg, b.map(|b| b.server_ns_per_msg)),
         )

@@ -60,16 +60,6 @@ pub fn process_sched(pid: u32) -> io::Result<Sched> {
     Ok(total)
 }
 
-/// CPU time (ns, user + system) of the calling process.
-pub fn self_cpu_ns() -> u64 {
-    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid, writable `rusage` for the duration of the call.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    (us(usage.ru_utime) + us(usage.ru_stime)) * 1000
-}
-
 /// Memory of a process, in bytes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Memory {
