@@ -24,7 +24,7 @@ for arg in "$@"; do
   esac
 done
 
-port=${AUTOBAHN_PORT:-9001}
+port=${AUTOBAHN_PORT:-9301}
 reports="$here/reports"
 rm -rf "$reports"
 mkdir -p "$reports"

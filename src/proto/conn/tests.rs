@@ -450,6 +450,7 @@ fn send_rejects_misuse() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "large payloads take minutes under Miri")]
 fn frees_large_reassembly_buffers_after_their_message() {
     let mut conn = Connection::new(Config::default(), None);
     let big = vec![b'a'; 300_000];
@@ -557,6 +558,7 @@ proptest! {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "large payloads take minutes under Miri")]
 fn one_byte_at_a_time_yields_the_same_events() {
     let items = vec![
         Item::Message {
