@@ -368,6 +368,9 @@ impl ServerHandle {
     }
 
     /// Shuts down gracefully and waits for every shard to exit.
+    ///
+    /// Do not call this from a handler callback: the shard would wait for itself. Use
+    /// [`ServerHandle::request_shutdown`] there.
     pub fn shutdown(&self) {
         self.request_shutdown();
         self.wait();
