@@ -218,6 +218,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             )
             .ok();
         }
+        out.push_str(&target(p, results, &meds));
         return out;
     }
     writeln!(
@@ -275,7 +276,98 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         )
         .ok();
     }
+    out.push_str(&target(p, results, &meds));
     out
+}
+
+/// The issue's target for this case, checked against the medians: a line saying what was
+/// required, the figures, and MET or MISSED (empty when the case has no target or no ringsock).
+fn target(p: &Params, results: &[ServerResult], meds: &[Sample]) -> String {
+    let ok: Vec<(&str, &Sample)> = results
+        .iter()
+        .zip(meds)
+        .filter(|(r, _)| r.failure.is_none())
+        .map(|(r, m)| (r.name.as_str(), m))
+        .collect();
+    let Some(&(_, rs)) = ok.iter().find(|(n, _)| *n == "ringsock") else {
+        return String::new();
+    };
+    let peers: Vec<(&str, &Sample)> = ok.into_iter().filter(|(n, _)| *n != "ringsock").collect();
+    if peers.is_empty() {
+        return String::new();
+    }
+    let best = |f: &dyn Fn(&Sample) -> f64| {
+        peers
+            .iter()
+            .map(|(n, m)| (*n, f(m)))
+            .fold(("", f64::MIN), |a, b| if b.1 > a.1 { b } else { a })
+    };
+    let verdict = |met: bool| if met { "MET" } else { "MISSED" };
+    let (needed, figures, met) = match p.scenario {
+        Scenario::Throughput => {
+            let (name, v) = best(&|m| m.msgs_per_sec);
+            let (cname, c) = best(&|m| -m.server_ns_per_msg);
+            (
+                "msg/s >= 1.5x best peer".to_string(),
+                format!(
+                    "ringsock {} vs {name} {} = {:.2}x; CPU/msg: {cname} {:.0} ns vs ringsock {:.0} \
+                     ns = {:.2}x",
+                    crate::generator::si(rs.msgs_per_sec),
+                    crate::generator::si(v),
+                    rs.msgs_per_sec / v,
+                    -c,
+                    rs.server_ns_per_msg,
+                    -c / rs.server_ns_per_msg
+                ),
+                rs.msgs_per_sec >= 1.5 * v,
+            )
+        }
+        Scenario::Rtt => {
+            let p50 = peers
+                .iter()
+                .map(|(_, m)| m.latency_us[0])
+                .fold(f64::MAX, f64::min);
+            let p99 = peers
+                .iter()
+                .map(|(_, m)| m.latency_us[2])
+                .fold(f64::MAX, f64::min);
+            (
+                "p50 and p99 <= every peer".to_string(),
+                format!(
+                    "ringsock p50 {:.1} us (best peer {p50:.1}), p99 {:.1} us (best peer {p99:.1})",
+                    rs.latency_us[0], rs.latency_us[2]
+                ),
+                rs.latency_us[0] <= p50 && rs.latency_us[2] <= p99,
+            )
+        }
+        Scenario::Big if p.size >= 16 << 20 => {
+            let (name, v) = best(&|m| m.bytes_per_sec);
+            (
+                "bytes/s >= 1.2x best peer".to_string(),
+                format!(
+                    "ringsock {} /s vs {name} {} /s = {:.2}x",
+                    bytes(rs.bytes_per_sec),
+                    bytes(v),
+                    rs.bytes_per_sec / v
+                ),
+                rs.bytes_per_sec >= 1.2 * v,
+            )
+        }
+        Scenario::Connections => {
+            let (name, v) = best(&|m| -m.rss_per_conn);
+            (
+                "memory per connection below every peer".to_string(),
+                format!(
+                    "ringsock {} vs {name} {}",
+                    bytes(rs.rss_per_conn),
+                    bytes(-v)
+                ),
+                rs.rss_per_conn < -v,
+            )
+        }
+        _ => return String::new(),
+    };
+    format!("target: {needed}: {figures}: {}\n", verdict(met))
 }
 
 /// The JSON document of one case.
@@ -477,6 +569,45 @@ mod tests {
         assert_eq!(nice_ceiling(71428.0), 100000.0);
         assert_eq!(nice_ceiling(1.3), 2.0);
         assert_eq!(nice_ceiling(230.0), 250.0);
+    }
+
+    #[test]
+    fn throughput_target_needs_one_and_a_half_times_the_best_peer() {
+        let params = Params {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            scenario: Scenario::Throughput,
+            conns: 100,
+            inflight: 16,
+            size: 16,
+            fragment: 0,
+            chop: 0,
+            duration: std::time::Duration::from_secs(1),
+            warmup: std::time::Duration::ZERO,
+            messages: None,
+            server_pid: None,
+            label: String::new(),
+            open_window: 1,
+        };
+        let result = |name: &str, rate: f64| ServerResult {
+            name: name.into(),
+            samples: vec![Sample {
+                msgs_per_sec: rate,
+                server_ns_per_msg: 1000.0,
+                ..Sample::default()
+            }],
+            merged: Histogram::new(3).unwrap(),
+            failure: None,
+        };
+        let check = |rs: f64| {
+            let results = [
+                result("ringsock", rs),
+                result("a", 100.0),
+                result("b", 200.0),
+            ];
+            table(&params, &results, 1)
+        };
+        assert!(check(300.0).contains(": MET"));
+        assert!(check(299.0).contains(": MISSED"));
     }
 
     #[test]
