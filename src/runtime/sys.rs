@@ -110,6 +110,31 @@ pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<RawFd> {
     result
 }
 
+/// Fails with `AddrInUse` if something already listens on `addr`. A listener of another
+/// process with SO_REUSEPORT (and the same user) would otherwise silently share the port with
+/// ours, splitting connections between two servers.
+///
+/// # Errors
+/// `AddrInUse`, or the bind failure.
+pub(crate) fn ensure_free(addr: &SocketAddr) -> io::Result<()> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall on integers.
+    let fd = check(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SO_REUSEADDR only, so connections in TIME_WAIT do not count as "in use".
+    let result = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).and_then(|()| {
+        let (storage, len) = to_sockaddr(addr);
+        // SAFETY: `storage` is a valid sockaddr of `len` bytes living on this frame.
+        check(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })
+            .map(drop)
+    });
+    close(fd);
+    result
+}
+
 fn set_int_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `value` lives on this frame and its size is passed.
     check(unsafe {
@@ -277,6 +302,16 @@ pub(crate) fn on_shutdown_signal(fds: &[RawFd]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_someone_listens_on_is_reported_in_use() {
+        let fd = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(fd).unwrap();
+        let err = ensure_free(&addr).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        close(fd);
+        assert!(ensure_free(&addr).is_ok());
+    }
 
     #[test]
     fn listeners_share_a_port_with_reuseport() {

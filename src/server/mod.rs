@@ -270,6 +270,11 @@ impl<H: Handler> Server<H> {
 }
 
 fn bind_all(config: &Config, count: usize) -> io::Result<Vec<i32>> {
+    if config.addr.port() != 0 {
+        sys::ensure_free(&config.addr).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.addr))
+        })?;
+    }
     let first = sys::listen(&config.addr, config.backlog)?;
     let addr = match sys::local_addr(first) {
         Ok(addr) => addr,
