@@ -109,7 +109,9 @@ pub struct DeflateParams {
 pub enum InflateError {
     /// The message would inflate past the limit (close 1009).
     TooBig,
-    /// The data is not valid DEFLATE (close 1007 per RFC 7692 §8... or 1002).
+    /// The data is not valid DEFLATE, or refers back past the start of the message (a client
+    /// that kept its context after agreeing not to). The connection must be failed
+    /// (RFC 6455 §7.1.7); RFC 7692 names no close code.
     Invalid,
 }
 
@@ -182,8 +184,10 @@ impl Deflate {
     /// With server context takeover a message that reached the compressor is always sent
     /// compressed, since the peer's window must see what ours saw.
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) -> bool {
-        out.clear();
-        if payload.len() < self.min_compress_size {
+        if payload.len() < self.min_compress_size
+            || (!self.server_takeover && payload.len() > self.max_oneshot_len)
+        {
+            out.clear();
             return false;
         }
         if self.server_takeover {
@@ -191,12 +195,11 @@ impl Deflate {
             let compressor = self
                 .compressor
                 .get_or_insert_with(|| stream::compressor(level, bits));
+            out.clear();
             stream::compress(compressor, payload, out);
             return true;
         }
-        if payload.len() > self.max_oneshot_len {
-            return false;
-        }
+        // Not cleared: libdeflate overwrites it, and keeping the old length saves zero-filling.
         oneshot::compress(self.level, payload, out)
     }
 

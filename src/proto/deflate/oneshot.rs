@@ -43,9 +43,9 @@ thread_local! {
     static SHARED: RefCell<Shared> = RefCell::new(Shared::default());
 }
 
-/// Compresses `payload` as one self-contained DEFLATE stream into `out` (empty on entry), in
-/// the RFC 7692 §7.2.1 wire form. `false` (and `out` empty) if the result would not be shorter
-/// than `payload`.
+/// Compresses `payload` as one self-contained DEFLATE stream into `out` (whose old contents are
+/// overwritten), in the RFC 7692 §7.2.1 wire form. `false` (and `out` empty) if the result
+/// would not be shorter than `payload`.
 ///
 /// libdeflate ends its stream with a BFINAL block, which RFC 7692 §7.2.3.3 allows. §7.2.1 then
 /// appends an empty stored block (3 zero header bits, zero padding to the byte boundary,
@@ -60,6 +60,7 @@ pub(super) fn compress(level: u8, payload: &[u8], out: &mut Vec<u8>) -> bool {
     // Worth sending compressed only if the stream plus its `00` byte is shorter than the
     // payload: the stream gets at most `len - 2` bytes.
     let Some(room) = payload.len().checked_sub(2) else {
+        out.clear();
         return false;
     };
     let index = usize::from(level.clamp(1, 12) - 1);
