@@ -115,6 +115,12 @@ pub enum InflateError {
     Invalid,
 }
 
+/// The largest inflate ratio used for a first output buffer guess. Text inflates 3-10x; one
+/// message of a single repeated byte (up to 1032x) must not make every later message start with
+/// a buffer of `max_len`, which the caller may keep per connection. A message above the cap
+/// costs a restart or two.
+const MAX_GUESS_RATIO: u8 = 16;
+
 /// The per-connection codec.
 ///
 /// Call protocol: one [`Deflate::compress`] per outgoing data message, one
@@ -133,8 +139,9 @@ pub struct Deflate {
     max_oneshot_len: usize,
     /// Whether the server takes over its context (then `max_oneshot_len` is unused).
     server_takeover: bool,
-    /// Inflated bytes per compressed byte in the last message, rounded up: the next message's
-    /// first output buffer guess, since libdeflate restarts on a buffer that is too small.
+    /// Inflated bytes per compressed byte in the last message, rounded up and capped at
+    /// [`MAX_GUESS_RATIO`]: the next message's first output buffer guess, since libdeflate
+    /// restarts on a buffer that is too small.
     inflate_ratio: u8,
     /// The server-to-client compressor with server context takeover, made on first use.
     compressor: Option<Box<flate2::Compress>>,
@@ -228,12 +235,8 @@ impl Deflate {
             let ratio = usize::from(self.inflate_ratio);
             let result = oneshot::decompress(input, max_len, ratio, out);
             if result.is_ok() {
-                let ratio = out
-                    .len()
-                    .div_ceil(input.len())
-                    .clamp(1, usize::from(u8::MAX));
-                // In 1..=255 after the clamp.
-                self.inflate_ratio = ratio as u8;
+                let ratio = out.len().div_ceil(input.len());
+                self.inflate_ratio = ratio.clamp(1, MAX_GUESS_RATIO.into()) as u8;
             }
             return result;
         }
@@ -875,9 +878,13 @@ mod tests {
     fn first_output_guess_follows_the_last_message() {
         let mut deflate = codec(no_takeover(15));
         let mut out = Vec::new();
-        let mut compressor = Compress::new(Compression::new(6), false);
-        for (payload, ratio) in [(vec![b'a'; 100_000], 255), (noise(5000, 9), 1)] {
-            let wire = zlib_send(&mut compressor, &payload);
+        let cases = [
+            (json_like(50_000), 6),
+            (vec![b'a'; 100_000], 16),
+            (noise(5000, 9), 1),
+        ];
+        for (payload, ratio) in cases {
+            let wire = zlib_send(&mut Compress::new(Compression::new(6), false), &payload);
             deflate.decompress(&wire, 1 << 20, &mut out).unwrap();
             assert_eq!(out, payload);
             assert_eq!(deflate.inflate_ratio, ratio);
