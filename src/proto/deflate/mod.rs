@@ -613,7 +613,7 @@ mod tests {
 
     #[test]
     fn bfinal_stream_gets_the_rfc_7692_wire_form() {
-        // RFC 7692 §7.2.3.3: "Hello" in a BFINAL block then an empty stored block, stripped.
+        // RFC 7692 §7.2.3.4: "Hello" in a BFINAL block then an empty stored block, stripped.
         let mut compressor = Compress::new(Compression::default(), false);
         let mut stream = Vec::with_capacity(64);
         compressor

@@ -47,7 +47,7 @@ thread_local! {
 /// overwritten), in the RFC 7692 §7.2.1 wire form. `false` (and `out` empty) if the result
 /// would not be shorter than `payload`.
 ///
-/// libdeflate ends its stream with a BFINAL block, which RFC 7692 §7.2.3.3 allows. §7.2.1 then
+/// libdeflate ends its stream with a BFINAL block, which RFC 7692 §7.2.3.4 allows. §7.2.1 then
 /// appends an empty stored block (3 zero header bits, zero padding to the byte boundary,
 /// `00 00 ff ff`) and strips the `00 00 ff ff`. Where the header bits land depends on how many
 /// padding bits libdeflate left in its last byte, which it does not report: with 3 or more, the

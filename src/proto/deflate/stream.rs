@@ -68,7 +68,7 @@ pub(super) fn compress(compressor: &mut Compress, payload: &[u8], out: &mut Vec<
 /// `max_len + 1` bytes, so a bomb stops at the limit.
 ///
 /// A BFINAL block ends a DEFLATE stream; as browsers do, the inflater is then reset and goes on
-/// with the rest of the input (RFC 7692 §7.2.3.3 lets a sender end messages that way).
+/// with the rest of the input (RFC 7692 §7.2.3.4 lets a sender end messages that way).
 pub(super) fn decompress(
     inflater: &mut Decompress,
     input: &[u8],
