@@ -3,6 +3,19 @@
 //! 16 B to 1 MiB. Before the timings it prints the compression ratios and the memory each
 //! codec state costs.
 //!
+//! Measured on the project's 2-core x86_64 VM (thread CPU time, JSON-like text, level 1):
+//!
+//! | size    | compress libdeflate | compress zlib-rs | inflate libdeflate | inflate zlib-rs |
+//! |---------|---------------------|------------------|--------------------|-----------------|
+//! | 64 B    | 3.3 µs (stored: no gain) | 2.0 µs      | 0.17 µs            | 0.23 µs         |
+//! | 256 B   | 4.6 µs, ratio 0.50  | 2.6 µs, 0.55     | 1.5 µs             | 1.1 µs          |
+//! | 4 KiB   | 9.9 µs, ratio 0.21  | 8.6 µs, 0.31     | 3.4 µs             | 4.2 µs          |
+//! | 64 KiB  | 129 µs, ratio 0.19  | 84 µs, 0.27      | 25 µs              | 37 µs           |
+//! | 1 MiB   | 2.9 ms, ratio 0.18  | 2.2 ms, 0.26     | 0.67 ms            | 0.94 ms         |
+//!
+//! libdeflate level 1 pays ~3.5 µs per message above 55 bytes (hash table reset) and
+//! compresses ~30% smaller than zlib-rs level 1; its inflater is 1.3-1.5x faster from 4 KiB.
+//!
 //! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time: the
 //! bench machines are shared, and a descheduled thread would otherwise bill its wait.
 //!
