@@ -24,6 +24,7 @@
 //! | libdeflate compressor, level 2..=9      | per thread      | ~656 KiB   |
 //! | libdeflate compressor, level 10..=12    | per thread      | ~8.6 MiB   |
 //! | libdeflate decompressor                 | per thread      | ~11 KiB    |
+//! | inflate input copy (kept if <= 256 KiB) | per thread      | 0-256 KiB  |
 //! | zlib-rs deflate, window 15 (takeover)   | per connection  | ~371 KiB   |
 //! | zlib-rs deflate, window 9 (takeover)    | per connection  | ~245 KiB   |
 //! | zlib-rs inflate, any window (takeover)  | per connection  | ~46 KiB    |
