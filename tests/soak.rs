@@ -109,10 +109,13 @@ async fn client(
             match reply {
                 Ok(Some(Ok(reply))) if reply == expected => {}
                 other => {
-                    eprintln!(
-                        "bad echo: {:?}",
-                        other.map(|o| o.map(|r| r.map(|m| m.len())))
-                    );
+                    let what = match other {
+                        Ok(Some(Ok(m))) => format!("a different message of {} bytes", m.len()),
+                        Ok(Some(Err(e))) => format!("error {e}"),
+                        Ok(None) => "end of stream".into(),
+                        Err(_) => "nothing within 10 s".into(),
+                    };
+                    eprintln!("bad echo: {what}");
                     failed = true;
                     break;
                 }
@@ -167,7 +170,7 @@ fn raise_nofile(want: u64) {
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
     }
     assert!(
-        rl.rlim_cur as u64 >= want,
+        rl.rlim_cur >= want,
         "descriptor limit {} below the {want} needed",
         rl.rlim_cur
     );

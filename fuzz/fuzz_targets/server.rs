@@ -209,7 +209,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     check_output(&received, reset);
-    if INPUTS.fetch_add(1, Ordering::Relaxed) % 64 == 0 {
+    if INPUTS.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) {
         check_liveness(handle);
     }
 });
