@@ -108,6 +108,8 @@ pub struct Outcome {
     pub generator_wait_ns: u64,
     /// Server memory before and after opening the connections (connections scenario).
     pub memory: Option<(sys::Memory, sys::Memory)>,
+    /// Server memory once every connection has echoed one message (connections scenario).
+    pub memory_active: Option<sys::Memory>,
     /// Time taken to open and handshake all connections.
     pub connect_seconds: f64,
 }
@@ -346,6 +348,10 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
             ));
         }
     }
+    let memory_active = match (p.scenario, p.server_pid) {
+        (Scenario::Connections, Some(pid)) => Some(sys::memory(pid).map_err(|e| e.to_string())?),
+        _ => None,
+    };
     let stop = stopped_at.unwrap_or(measured_at);
     let seconds = stop.duration_since(measured_at).as_secs_f64();
     let (server, generator) = match (cpu0, cpu1) {
@@ -377,6 +383,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         generator_cpu_ns,
         generator_wait_ns,
         memory,
+        memory_active,
         connect_seconds,
     })
 }

@@ -34,6 +34,8 @@ pub struct Sample {
     pub rss_per_conn: f64,
     /// Server PSS growth per connection, in bytes (connections scenario).
     pub pss_per_conn: f64,
+    /// Server RSS growth per connection once each has echoed one message, in bytes.
+    pub active_rss_per_conn: f64,
     /// Seconds taken to open all connections.
     pub connect_seconds: f64,
 }
@@ -61,6 +63,12 @@ impl Sample {
             }
             None => (0.0, 0.0),
         };
+        let active_rss_per_conn = match (o.memory, o.memory_active) {
+            (Some((before, _)), Some(active)) => {
+                (active.rss as f64 - before.rss as f64) / p.conns.max(1) as f64
+            }
+            _ => 0.0,
+        };
         Sample {
             msgs_per_sec: o.messages as f64 / secs,
             bytes_per_sec: o.messages as f64 * p.size as f64 / secs,
@@ -76,6 +84,7 @@ impl Sample {
             },
             rss_per_conn,
             pss_per_conn,
+            active_rss_per_conn,
             connect_seconds: o.connect_seconds,
         }
     }
@@ -102,6 +111,7 @@ impl Sample {
             server_ns_per_msg: med(&|s| s.server_ns_per_msg),
             rss_per_conn: med(&|s| s.rss_per_conn),
             pss_per_conn: med(&|s| s.pss_per_conn),
+            active_rss_per_conn: med(&|s| s.active_rss_per_conn),
             connect_seconds: med(&|s| s.connect_seconds),
         }
     }
@@ -122,6 +132,7 @@ impl Sample {
             "server_ns_per_msg": self.server_ns_per_msg,
             "rss_per_conn": self.rss_per_conn,
             "pss_per_conn": self.pss_per_conn,
+            "active_rss_per_conn": self.active_rss_per_conn,
             "connect_seconds": self.connect_seconds,
         })
     }
@@ -197,8 +208,15 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     if p.scenario == Scenario::Connections {
         writeln!(
             out,
-            "{:<18} {:>12} {:>7} {:>12} {:>7} {:>10}",
-            "server", "RSS/conn", "ratio", "PSS/conn", "ratio", "open s"
+            "{:<18} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8}",
+            "server",
+            "RSS/conn",
+            "ratio",
+            "PSS/conn",
+            "ratio",
+            "after 1 msg RSS",
+            "ratio",
+            "open s"
         )
         .ok();
         for (r, m) in results.iter().zip(&meds) {
@@ -208,12 +226,17 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             }
             writeln!(
                 out,
-                "{:<18} {:>12} {:>7} {:>12} {:>7} {:>10.2}",
+                "{:<18} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8.2}",
                 r.name,
                 bytes(m.rss_per_conn),
                 ratio(m.rss_per_conn, base.as_ref().map(|b| b.rss_per_conn)),
                 bytes(m.pss_per_conn),
                 ratio(m.pss_per_conn, base.as_ref().map(|b| b.pss_per_conn)),
+                bytes(m.active_rss_per_conn),
+                ratio(
+                    m.active_rss_per_conn,
+                    base.as_ref().map(|b| b.active_rss_per_conn)
+                ),
                 m.connect_seconds
             )
             .ok();
