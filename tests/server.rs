@@ -518,3 +518,17 @@ fn replies_from_on_message_are_compressed_when_deflate_was_negotiated() {
     assert_eq!(c.read_frame().payload, b"small");
     handle.shutdown();
 }
+
+#[test]
+fn a_second_server_on_the_same_address_fails_to_start() {
+    let (handle, _) = start(builder());
+    let err = builder()
+        .addr(handle.local_addr())
+        .build(common::TestHandler {
+            probe: Default::default(),
+        })
+        .start()
+        .expect_err("the address is taken");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    handle.shutdown();
+}

@@ -500,6 +500,7 @@ impl<H: Handler> Shard<H> {
             // risk the kernel writing freed memory.
             std::mem::forget(self.bufs.take());
         }
+        self.core.shared.set_connections(self.core.live);
     }
 
     fn dispatch(&mut self, cqe: &Cqe) {
