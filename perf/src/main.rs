@@ -419,23 +419,40 @@ fn instr_cmd(args: &Args) -> Result<(), String> {
     let core = args.num("server-core", 0)? as usize;
     let out = args.out_dir();
     fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    let mut case = args.cases(servers::free_addr()?)?.remove(0);
+    for mut case in args.cases(servers::free_addr()?)? {
+        instr_case(&kinds, &mut case, n, core, &out)?;
+    }
+    Ok(())
+}
+
+/// One case of `instr`: every server twice under cachegrind, one table.
+fn instr_case(
+    kinds: &[Kind],
+    case: &mut Params,
+    n: u64,
+    core: usize,
+    out: &Path,
+) -> Result<(), String> {
     if case.scenario == Scenario::Connections {
         return Err("instr runs a message scenario, not connections".into());
     }
     case.duration = Duration::from_secs(600);
     println!(
         "\n## instructions per echoed message (valgrind cachegrind): {}",
-        report::case_title(&case)
+        report::case_title(case)
     );
     println!(
         "{:<18} {:>14} {:>14} {:>12}",
         "server", "Ir (N)", "Ir (2N)", "Ir/msg"
     );
-    for kind in &kinds {
+    for kind in kinds {
         let mut counts = Vec::new();
         for count in [n, 2 * n] {
-            let file = out.join(format!("cachegrind-{}-{count}.out", kind.name()));
+            let file = out.join(format!(
+                "cachegrind-{}-{}-{count}.out",
+                kind.name(),
+                report::case_slug(case)
+            ));
             let _ = fs::remove_file(&file);
             let wrapper = vec![
                 "valgrind".to_string(),
