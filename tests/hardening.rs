@@ -502,6 +502,37 @@ fn reset_mid_message_frees_the_connection_as_1006() {
 }
 
 #[test]
+fn resets_with_output_in_flight_free_every_connection() {
+    // The server is blocked sending 3 x 2 MiB echoes to peers that do not read, then every
+    // peer resets: the sends fail, and every connection (slabs, stash) is freed.
+    let (handle, probe) = start(builder().high_water_mark(256 * 1024));
+    let payload = vec![9u8; 2 << 20];
+    let clients: Vec<RawClient> = (0..20)
+        .map(|_| {
+            let mut c = open(handle.local_addr());
+            c.stream
+                .set_write_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            // Once the server stops reading, the socket buffers fill and a write may time out.
+            for _ in 0..3 {
+                let _ = c.stream.write_all(&masked_frame(true, 2, &payload));
+            }
+            c
+        })
+        .collect();
+    wait_for(10, "backpressure on every connection", || {
+        probe.backpressure.load(Ordering::SeqCst) >= 20
+    });
+    for c in clients {
+        set_linger_zero(&c.stream);
+    }
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(1006); 20]);
+    still_serves(handle.local_addr());
+    stop(handle);
+}
+
+#[test]
 fn half_close_mid_message_frees_the_connection() {
     let (handle, probe) = start(builder());
     let mut c = open(handle.local_addr());
