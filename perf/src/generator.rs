@@ -87,6 +87,9 @@ pub struct Params {
     pub label: String,
     /// Handshakes in progress at once while opening connections.
     pub open_window: usize,
+    /// Busy-poll (`epoll_wait` with timeout 0) instead of sleeping: the server's writes then
+    /// never have to wake the generator, at the price of a full core of generator CPU.
+    pub spin: bool,
 }
 
 /// A run's measurements.
@@ -169,8 +172,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
             let token = Token(conns.len());
             conns.push(connect(p.addr, &host, &mut rng, &poll, token)?);
         }
-        poll.poll(&mut events, Some(Duration::from_millis(10)))
-            .map_err(|e| format!("epoll_wait: {e}"))?;
+        wait(&mut poll, &mut events, 10)?;
         for ev in events.iter() {
             let i = ev.token().0;
             let conn = &mut conns[i];
@@ -257,9 +259,12 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         }
         dirty.clear();
 
-        let timeout = if stopped_at.is_some() { 10 } else { 5 };
-        poll.poll(&mut events, Some(Duration::from_millis(timeout)))
-            .map_err(|e| format!("epoll_wait: {e}"))?;
+        let timeout = match (p.spin, stopped_at) {
+            (true, None) => 0,
+            (false, None) => 5,
+            (_, Some(_)) => 10,
+        };
+        wait(&mut poll, &mut events, timeout)?;
         let now = Instant::now();
         if !measuring && now >= window_start {
             measuring = true;
@@ -520,12 +525,24 @@ fn read_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<usize>> {
     }
 }
 
+/// `epoll_wait` for up to `ms`; a signal (EINTR) counts as a wakeup with no events, so the
+/// caller's loop sees the interrupted flag.
+fn wait(poll: &mut Poll, events: &mut Events, ms: u64) -> Result<(), String> {
+    match poll.poll(events, Some(Duration::from_millis(ms))) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            events.clear();
+            Ok(())
+        }
+        Err(e) => Err(format!("epoll_wait: {e}")),
+    }
+}
+
 /// Keeps the loop alive (for `d`) while waiting, failing on any unexpected server data.
 fn pump_idle(poll: &mut Poll, events: &mut Events, d: Duration) -> Result<(), String> {
     let end = Instant::now() + d;
     while Instant::now() < end {
-        poll.poll(events, Some(Duration::from_millis(50)))
-            .map_err(|e| format!("epoll: {e}"))?;
+        wait(poll, events, 50)?;
         if events.iter().any(|e| e.is_readable()) {
             return Err("server sent data on an idle connection".into());
         }

@@ -53,6 +53,7 @@ options:
   --messages N       instr: echoes per measured run (default 20000)
   --out DIR          where JSON and SVG go (default perf/results)
   --json             print JSON on stdout (the table goes to stderr)
+  --spin             busy-poll in the generator instead of sleeping in epoll_wait
 ";
 
 fn main() -> ExitCode {
@@ -83,12 +84,14 @@ fn main() -> ExitCode {
 struct Args {
     values: HashMap<String, String>,
     json: bool,
+    spin: bool,
 }
 
 impl Args {
     fn parse(argv: &[String]) -> Result<Args, String> {
         let mut values = HashMap::new();
         let mut json = false;
+        let mut spin = false;
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
             let Some(key) = arg.strip_prefix("--") else {
@@ -98,10 +101,14 @@ impl Args {
                 json = true;
                 continue;
             }
+            if key == "spin" {
+                spin = true;
+                continue;
+            }
             let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
             values.insert(key.to_string(), value.clone());
         }
-        Ok(Args { values, json })
+        Ok(Args { values, json, spin })
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -188,6 +195,7 @@ impl Args {
                         server_pid: None,
                         label: String::new(),
                         open_window: 128,
+                        spin: self.spin,
                     });
                 }
             }

@@ -30,6 +30,9 @@ pub struct Sample {
     pub generator_wait_pct: f64,
     /// Server CPU time per echoed message, in ns.
     pub server_ns_per_msg: f64,
+    /// Generator CPU time per echoed message, in ns: below the server's, the generator can
+    /// outpace it.
+    pub generator_ns_per_msg: f64,
     /// Server RSS growth per connection, in bytes (connections scenario).
     pub rss_per_conn: f64,
     /// Server PSS growth per connection, in bytes (connections scenario).
@@ -77,6 +80,11 @@ impl Sample {
             server_wait_pct: o.server_wait_ns.unwrap_or(0) as f64 / (secs * 1e9) * 100.0,
             generator_cpu_pct: o.generator_cpu_ns as f64 / (secs * 1e9) * 100.0,
             generator_wait_pct: o.generator_wait_ns as f64 / (secs * 1e9) * 100.0,
+            generator_ns_per_msg: if o.messages > 0 {
+                o.generator_cpu_ns as f64 / o.messages as f64
+            } else {
+                0.0
+            },
             server_ns_per_msg: if o.messages > 0 {
                 server_cpu / o.messages as f64
             } else {
@@ -109,6 +117,7 @@ impl Sample {
             generator_cpu_pct: med(&|s| s.generator_cpu_pct),
             generator_wait_pct: med(&|s| s.generator_wait_pct),
             server_ns_per_msg: med(&|s| s.server_ns_per_msg),
+            generator_ns_per_msg: med(&|s| s.generator_ns_per_msg),
             rss_per_conn: med(&|s| s.rss_per_conn),
             pss_per_conn: med(&|s| s.pss_per_conn),
             active_rss_per_conn: med(&|s| s.active_rss_per_conn),
@@ -130,6 +139,7 @@ impl Sample {
             "generator_cpu_pct": self.generator_cpu_pct,
             "generator_wait_pct": self.generator_wait_pct,
             "server_ns_per_msg": self.server_ns_per_msg,
+            "generator_ns_per_msg": self.generator_ns_per_msg,
             "rss_per_conn": self.rss_per_conn,
             "pss_per_conn": self.pss_per_conn,
             "active_rss_per_conn": self.active_rss_per_conn,
@@ -247,7 +257,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     writeln!(
         out,
         "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8} {:>8} {:>5} {:>5} {:>5} {:>6} \
-         {:>8} {:>6}",
+         {:>8} {:>6} {:>8}",
         "server",
         "msg/s",
         "ratio",
@@ -265,7 +275,8 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         "gen%",
         "gwait%",
         "ns/msg",
-        "ratio"
+        "ratio",
+        "gen ns"
     )
     .ok();
     for (r, m) in results.iter().zip(&meds) {
@@ -277,7 +288,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
         writeln!(
             out,
             "{:<18} {:>9} {:>6} {:>10} {:>6} {:>8.1} {:>6} {:>8.1} {:>8.1} {:>6} {:>8.1} {:>8.1} \
-             {:>5.0} {:>5.0} {:>5.0} {:>6.0} {:>8.0} {:>6}",
+             {:>5.0} {:>5.0} {:>5.0} {:>6.0} {:>8.0} {:>6} {:>8.0}",
             r.name,
             crate::generator::si(m.msgs_per_sec),
             ratio(m.msgs_per_sec, b.map(|b| b.msgs_per_sec)),
@@ -296,6 +307,7 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             m.generator_wait_pct,
             m.server_ns_per_msg,
             ratio(m.server_ns_per_msg, b.map(|b| b.server_ns_per_msg)),
+            m.generator_ns_per_msg,
         )
         .ok();
     }
@@ -610,6 +622,7 @@ mod tests {
             server_pid: None,
             label: String::new(),
             open_window: 1,
+            spin: false,
         };
         let result = |name: &str, rate: f64| ServerResult {
             name: name.into(),
