@@ -1100,3 +1100,30 @@ fn endless_empty_continuations_keep_memory_flat_and_others_served() {
     child.wait_connections(0, 10);
     assert!(child.stop().success());
 }
+
+#[test]
+fn shutdown_with_a_stuck_client_over_the_mark_is_bounded_by_the_close_timeout() {
+    // The client's output is over the high-water mark with a send blocked in the kernel:
+    // our 1001 close can never be flushed, so the close timeout must end it.
+    let close = Duration::from_millis(500);
+    let (handle, probe) = start(builder().high_water_mark(64 * 1024).close_timeout(close));
+    let mut stuck = open(handle.local_addr());
+    stuck.send_frame(true, 1, b"cmd:flood:200:65536");
+    wait_for(5, "backpressure", || {
+        probe.backpressure.load(Ordering::SeqCst) > 0
+    });
+    let mut fine = open(handle.local_addr());
+    echo_once(&mut fine, b"before shutdown");
+    let started = Instant::now();
+    handle.request_shutdown();
+    assert_eq!(fine.read_close(), Some(1001));
+    fine.send_frame(true, 8, &1001u16.to_be_bytes());
+    assert!(fine.sees_eof());
+    handle.wait();
+    let took = started.elapsed();
+    eprintln!("shutdown with a stuck client took {took:?}");
+    assert!(took < close * 2 + Duration::from_millis(2500), "{took:?}");
+    assert!(handle.is_stopped());
+    assert_eq!(handle.stats().total_connections(), 0);
+    drop(stuck);
+}
