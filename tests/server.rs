@@ -532,3 +532,25 @@ fn a_second_server_on_the_same_address_fails_to_start() {
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     handle.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_peer_that_answers_pings_stays_open() {
+    let (handle, _) = start(builder().idle_timeout(Some(Duration::from_millis(400)), true));
+    let mut ws = connect(&handle).await;
+    // Keep reading (tungstenite answers pings while polled) for several idle periods.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut pings = 0;
+    while let Ok(msg) = tokio::time::timeout_at(until, ws.next()).await {
+        match msg {
+            Some(Ok(TMessage::Ping(_))) => pings += 1,
+            other => panic!("only pings while idle, got {other:?}"),
+        }
+    }
+    assert!(pings >= 2, "pinged every half idle period ({pings})");
+    ws.send(TMessage::Text("still here".into())).await.unwrap();
+    assert_eq!(
+        next_data(&mut ws).await,
+        TMessage::Text("still here".into())
+    );
+    handle.shutdown();
+}

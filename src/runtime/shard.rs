@@ -213,7 +213,8 @@ struct Conn<S> {
     /// [`Core::on_received`]); `stash_pos` is how far they were fed back.
     stash: Vec<u8>,
     stash_pos: usize,
-    pinged: bool,
+    /// When the idle ping was sent (ms), if one is outstanding.
+    pinged_at: Option<u64>,
     last_rx: u64,
     /// Handshake or closing deadline (ms since shard start); 0 for none.
     deadline: u64,
@@ -622,7 +623,7 @@ impl<H: Handler> Shard<H> {
         let res = cqe.result();
         if res > 0 {
             c.last_rx = now;
-            c.pinged = false;
+            c.pinged_at = None;
             if let Some(guard) = guard.as_mut() {
                 core.on_received(slot, guard.bytes());
             } else if let Some(mut buf) = c.recv_buf.take() {
@@ -764,13 +765,23 @@ impl<H: Handler> Shard<H> {
             let (Some(idle), true) = (idle, c.link.open) else {
                 continue;
             };
+            // With auto ping: ping after half the idle time, close if the other half passes
+            // without anything received (a pong resets both). Without: close after idle.
             let quiet = now.saturating_sub(c.last_rx);
-            if quiet >= idle {
+            let expired = match (t.auto_ping, c.pinged_at) {
+                (true, Some(at)) => now.saturating_sub(at) >= idle - idle / 2,
+                (true, None) => {
+                    if quiet >= idle / 2 {
+                        c.pinged_at = Some(now);
+                        crate::server::ws::encode_frame(&mut c.link.out, OpCode::Ping, b"");
+                        core.ctx.touch(&mut c.link);
+                    }
+                    false
+                }
+                (false, _) => quiet >= idle,
+            };
+            if expired {
                 start_close(c, CloseCode::GOING_AWAY, "idle timeout", now, core.close_ms);
-                core.ctx.touch(&mut c.link);
-            } else if t.auto_ping && !c.pinged && quiet >= idle / 2 {
-                c.pinged = true;
-                crate::server::ws::encode_frame(&mut c.link.out, OpCode::Ping, b"");
                 core.ctx.touch(&mut c.link);
             }
         }
@@ -1041,7 +1052,7 @@ impl<H: Handler> Core<H> {
             over_mark: false,
             stash: Vec::new(),
             stash_pos: 0,
-            pinged: false,
+            pinged_at: None,
             last_rx: self.now,
             deadline: self.now + self.config.timeouts.handshake.as_millis() as u64,
         };

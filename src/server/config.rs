@@ -86,7 +86,8 @@ pub struct Timeouts {
     /// With nothing received for this long the connection is closed (1001). `None` disables
     /// it. Default 120 s.
     pub idle: Option<Duration>,
-    /// Send a ping after half the idle timeout, so live but quiet peers are kept. Default on.
+    /// Send a ping after half the idle timeout, and close only if nothing (not even the pong)
+    /// arrives in the other half, so live but quiet peers are kept. Default on.
     pub auto_ping: bool,
     /// How long to wait for the peer's close frame after ours, and for its FIN after the
     /// closing handshake, before dropping TCP. Also bounds graceful shutdown. Default 5 s.
@@ -123,8 +124,10 @@ pub struct Buffers {
     /// Queued output above which the shard stops reading from a connection and `send`
     /// reports backpressure; `on_drain` fires when it falls below again. Default 1 MiB.
     pub high_water_mark: usize,
-    /// Queued output above which sends are dropped. Default 16 MiB. A message is accepted
-    /// whole when the queue is below this, so one echoed message may exceed it once.
+    /// Queued output above which sends are dropped. Default 2 MiB (twice the mark): room for
+    /// the replies to what was already received, while a peer that never reads costs at most
+    /// this much. A message is accepted whole while the queue is below the limit, so one large
+    /// message may exceed it.
     pub max_buffered: usize,
     /// Use a provided-buffer ring with multishot receive; off means single-shot receive into
     /// a per-connection buffer. Default on (off is forced automatically on old kernels).
@@ -143,7 +146,7 @@ impl Default for Buffers {
             send_slabs: 64,
             send_slab_size: 16 * 1024,
             high_water_mark: 1 << 20,
-            max_buffered: 16 << 20,
+            max_buffered: 2 << 20,
             use_buffer_ring: true,
             use_registered_buffers: true,
         }
