@@ -330,7 +330,8 @@ fn deny_rules(what: &str) -> Vec<SeccompRule> {
 /// The child's body: reads its settings, starts the server, serves until stdin closes.
 ///
 /// Settings: `shards`, `hwm` (high-water mark), `max_buffered`, `max_frame`, `max_message`,
-/// `handshake_ms`, `close_ms`, `nofile` (descriptor limit), `deny` (`setup`,
+/// `handshake_ms`, `close_ms`, `nofile` (descriptor limit), `memlock` (locked-memory limit,
+/// with `CAP_IPC_LOCK` dropped so it applies to root too), `deny` (`setup`,
 /// `register_buffers`, `pbuf_ring`, joined by `+`), `registered` (0 or 1).
 pub fn child_main() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
@@ -367,6 +368,10 @@ pub fn child_main() {
                 // SAFETY: `rl` is a valid rlimit for the duration of the call.
                 let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
                 assert_eq!(rc, 0, "setrlimit NOFILE");
+                builder
+            }
+            "memlock" => {
+                lower_memlock(number() as libc::rlim_t).expect("lower the locked-memory limit");
                 builder
             }
             "deny" => {
@@ -470,6 +475,53 @@ pub fn install_seccomp(rules: &[SeccompRule]) -> std::io::Result<()> {
             &fprog as *const libc::sock_fprog,
         ) != 0
         {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets RLIMIT_MEMLOCK to `bytes` and drops `CAP_IPC_LOCK` from the calling thread (threads
+/// it spawns later inherit that), so io_uring accounts registered memory against the limit
+/// even when running as root.
+///
+/// # Errors
+/// When the kernel refuses either change.
+pub fn lower_memlock(bytes: libc::rlim_t) -> std::io::Result<()> {
+    const CAP_IPC_LOCK: u32 = 14;
+    const VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let rl = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: `rl`, `header` and `data` are valid for the calls; capget/capset with version 3
+    // read and write two `Data` entries.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        data[0].effective &= !(1 << CAP_IPC_LOCK);
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
