@@ -803,6 +803,105 @@ mod tests {
         assert!(BufRing::new(4, 1024, 0).is_ok());
     }
 
+    fn socketpair() -> (RawFd, RawFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a two-element array on this frame, as socketpair(2) wants.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        (fds[0], fds[1])
+    }
+
+    fn wait_for(ring: &mut Ring, user_data: u64) -> Cqe {
+        loop {
+            ring.submit_and_wait(1).unwrap();
+            if let Some(cqe) = ring.reap().into_iter().find(|c| c.user_data() == user_data) {
+                return cqe;
+            }
+        }
+    }
+
+    #[test]
+    fn buf_ring_hands_each_buffer_out_once_and_takes_it_back() {
+        let mut bufs = BufRing::new(4, 64, 0).unwrap();
+        for bid in 0..4 {
+            bufs.give_back(bid);
+        }
+        let flags = (2u32 << 16) | 1; // IORING_CQE_F_BUFFER with buffer id 2
+        let cqe = Cqe {
+            user_data: 0,
+            result: 10,
+            flags,
+        };
+        let mut guard = bufs.take(&cqe).expect("buffer 2 is handed out");
+        assert_eq!(guard.bytes().len(), 10);
+        drop(guard);
+        assert!(!bufs.checked_out[2], "returned on drop");
+        assert_eq!(bufs.tail, 5, "and queued at the tail");
+        let no_buffer = Cqe {
+            user_data: 0,
+            result: 10,
+            flags: 0,
+        };
+        assert!(bufs.take(&no_buffer).is_none());
+    }
+
+    #[test]
+    fn multishot_receive_fills_provided_buffers_from_a_socket() {
+        let mut ring = Ring::new(8).unwrap();
+        let mut bufs = BufRing::new(4, 16, 7).unwrap();
+        ring.register_buf_ring(&mut bufs).unwrap();
+        let (a, b) = socketpair();
+        ring.recv_multi(a, bufs.group(), 1).unwrap();
+        for round in 0..6u8 {
+            // More rounds than buffers: each comes back to the ring after use.
+            let msg = [round; 5];
+            // SAFETY: writes 5 bytes from a local array to our socket.
+            assert_eq!(unsafe { libc::write(b, msg.as_ptr().cast(), 5) }, 5);
+            let cqe = wait_for(&mut ring, 1);
+            assert!(cqe.more(), "multishot stays armed");
+            let mut guard = bufs.take(&cqe).expect("a provided buffer");
+            assert_eq!(guard.bytes(), &msg);
+        }
+        crate::runtime::sys::close(b);
+        let eof = wait_for(&mut ring, 1);
+        assert_eq!((eof.result(), eof.more()), (0, false));
+        crate::runtime::sys::close(a);
+    }
+
+    #[test]
+    fn fixed_and_heap_sends_write_everything_in_order() {
+        let mut ring = Ring::new(8).unwrap();
+        let mut pool = FixedPool::new(4, 4096).unwrap();
+        ring.register_pool(&pool).unwrap();
+        let (a, b) = socketpair();
+        let mut send = SendBuf::default();
+        let mut expected = Vec::new();
+        for (i, size) in [100usize, 10_000, 4096, 1].into_iter().enumerate() {
+            let mut out = vec![i as u8; size];
+            expected.extend_from_slice(&out);
+            send.load(&mut out, Some(&mut pool));
+            assert_eq!(send.slab.is_some(), size <= 4096, "slab only when it fits");
+            while send.remaining() > 0 {
+                ring.send(a, &mut send, Some(&pool), 2).unwrap();
+                let cqe = wait_for(&mut ring, 2);
+                assert!(cqe.result() > 0, "send failed: {}", cqe.result());
+                send.complete(cqe.result() as usize, Some(&mut pool), 1 << 16);
+            }
+        }
+        assert_eq!(pool.free.len(), 4, "every slab is back");
+        let mut got = vec![0u8; expected.len()];
+        let mut filled = 0;
+        while filled < got.len() {
+            // SAFETY: reads into the unfilled tail of `got`.
+            let n = unsafe { libc::read(b, got[filled..].as_mut_ptr().cast(), got.len() - filled) };
+            assert!(n > 0);
+            filled += n as usize;
+        }
+        assert_eq!(got, expected);
+        crate::runtime::sys::close(a);
+        crate::runtime::sys::close(b);
+    }
+
     #[test]
     fn user_space_ring_round_trip_with_a_nop() {
         let mut ring = match Ring::new(8) {
