@@ -1129,7 +1129,6 @@ fn shutdown_with_a_stuck_client_over_the_mark_is_bounded_by_the_close_timeout() 
 }
 
 #[test]
-#[ignore = "bug: under an 8 MiB RLIMIT_MEMLOCK, early shards' registered send pools starve later shards' rings and start fails"]
 fn common_locked_memory_limit_starts_every_shard_with_fallbacks() {
     // 8 MiB is the usual default `ulimit -l`; root is held to it too (CAP_IPC_LOCK dropped).
     // 16 rings fit in it easily; the optional registered memory must not take their room.

@@ -15,7 +15,7 @@ pub(crate) mod sys;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use bytes::Bytes;
 
@@ -65,6 +65,38 @@ pub(crate) enum Command {
     Broadcast { frame: Bytes },
     /// Graceful shutdown.
     Shutdown,
+}
+
+/// Holds each shard's optional locked memory (buffer ring, registered send pool) back until
+/// every shard has created its ring: RLIMIT_MEMLOCK is one budget for all of them, and the
+/// optional registrations (which fall back) must not take the room a later shard's ring
+/// needs (which does not).
+pub(crate) struct RingGate {
+    pending: Mutex<usize>,
+    all_in: Condvar,
+}
+
+impl RingGate {
+    /// A gate for `shards` shards.
+    pub fn new(shards: usize) -> RingGate {
+        RingGate {
+            pending: Mutex::new(shards),
+            all_in: Condvar::new(),
+        }
+    }
+
+    /// One shard has its ring (or never will, `wait` false); with `wait`, blocks until every
+    /// shard got that far.
+    pub fn arrive(&self, wait: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.all_in.notify_all();
+        }
+        while wait && *pending > 0 {
+            pending = self.all_in.wait(pending).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// The part of a shard other threads may reach: its command queue, its wake-up eventfd and

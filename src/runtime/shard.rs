@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::ring::{BufRing, Cqe, FixedPool, RecvBuf, Ring, SendBuf, TimerBuf, WordBuf};
-use super::{debug_log, sys, warn_log, Command, ShardShared};
+use super::{debug_log, sys, warn_log, Command, RingGate, ShardShared};
 use crate::proto::deflate::{self, Deflate};
 use crate::proto::handshake::{self, HttpError};
 use crate::proto::{self, CloseCode, Connection, Event, OpCode, State};
@@ -284,9 +284,12 @@ impl<H: Handler> Shard<H> {
         shards: Arc<[Arc<ShardShared>]>,
         index: usize,
         listener: RawFd,
+        gate: &RingGate,
     ) -> io::Result<Shard<H>> {
         let b = config.buffers;
-        let mut ring = Ring::new(b.ring_entries.max(8))?;
+        let ring = Ring::new(b.ring_entries.max(8));
+        gate.arrive(ring.is_ok());
+        let mut ring = ring?;
         let missing = ring.missing_opcodes();
         if !missing.is_empty() {
             return Err(io::Error::new(

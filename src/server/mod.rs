@@ -37,7 +37,7 @@ pub use self::handler::{Handler, HttpResponse, Message, SendStatus, Upgrade};
 pub use self::ws::{Remote, Ws};
 pub use crate::proto::deflate::DeflateConfig;
 use crate::runtime::shard::Shard;
-use crate::runtime::{sys, Command, ShardShared};
+use crate::runtime::{sys, Command, RingGate, ShardShared};
 
 /// Sets a server up. Every setting has a documented default (see [`Config`]).
 #[derive(Clone, Debug, Default)]
@@ -191,16 +191,19 @@ impl<H: Handler> Server<H> {
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(count);
         let mut spawn_error = None;
+        let gate = Arc::new(RingGate::new(count));
         for (index, fd) in listeners.into_iter().enumerate() {
             if spawn_error.is_some() {
                 sys::close(fd);
+                gate.arrive(false);
                 continue;
             }
-            let (handler, config, shards, tx) = (
+            let (handler, config, shards, tx, ring_gate) = (
                 Arc::clone(&self.handler),
                 Arc::clone(&config),
                 Arc::clone(&shards),
                 tx.clone(),
+                Arc::clone(&gate),
             );
             let cpu = (config.pin_threads && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
             let spawned = thread::Builder::new()
@@ -209,7 +212,7 @@ impl<H: Handler> Server<H> {
                     if let Some(cpu) = cpu {
                         let _ = sys::pin_to_cpu(cpu);
                     }
-                    match Shard::new(handler, config, Arc::clone(&shards), index, fd) {
+                    match Shard::new(handler, config, Arc::clone(&shards), index, fd, &ring_gate) {
                         Ok(shard) => {
                             let _ = tx.send(Ok(()));
                             shard.run();
@@ -225,6 +228,7 @@ impl<H: Handler> Server<H> {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     sys::close(fd);
+                    gate.arrive(false);
                     spawn_error = Some(e);
                 }
             }
