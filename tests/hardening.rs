@@ -1081,11 +1081,11 @@ fn endless_empty_continuations_keep_memory_flat_and_others_served() {
     assert!(frames > 100_000, "the flood ran");
     // A connection may fill the whole provided-buffer ring (4 MiB by default) with frames
     // that take the longest to parse; others wait behind that much work per batch. Measured:
-    // p99 about 20 ms in release, about 600 ms unoptimized.
+    // p99 20-45 ms in release, about 600 ms unoptimized (2 busy cores).
     let bound = if cfg!(debug_assertions) {
         Duration::from_secs(2)
     } else {
-        Duration::from_millis(50)
+        Duration::from_millis(200)
     };
     let p99 = percentile(&rtts, 99.0);
     assert!(
