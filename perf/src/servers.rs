@@ -111,6 +111,9 @@ impl ServerProc {
         wrapper: &[String],
         ready_timeout: Duration,
     ) -> Result<ServerProc, String> {
+        if let Some(core) = core {
+            crate::sys::check_core(core).map_err(|e| e.to_string())?;
+        }
         let (bin, args) = kind.command(addr).map_err(|e| e.to_string())?;
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {

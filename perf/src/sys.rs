@@ -94,10 +94,10 @@ pub fn memory(pid: u32) -> io::Result<Memory> {
 
 /// Pins the calling thread (or, called in a child before exec, the new process) to `core`.
 pub fn pin_to_core(core: usize) -> io::Result<()> {
-    // SAFETY: an all-zero `cpu_set_t` is the empty set; CPU_SET only writes within it.
+    check_core(core)?;
+    // SAFETY: an all-zero `cpu_set_t` is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `core` is checked against the set's capacity by the libc macro's caller contract;
-    // cores on this machine are far below CPU_SETSIZE (1024).
+    // SAFETY: `check_core` keeps `core` below CPU_SETSIZE, so the bit is inside `set`.
     unsafe { libc::CPU_SET(core, &mut set) };
     // SAFETY: `set` is a valid cpu_set_t and the size passed matches it.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
@@ -105,6 +105,18 @@ pub fn pin_to_core(core: usize) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Rejects a core number that does not fit in a `cpu_set_t` (CPU_SETSIZE bits).
+pub fn check_core(core: usize) -> io::Result<()> {
+    if core < libc::CPU_SETSIZE as usize {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no core {core}"),
+        ))
     }
 }
 
