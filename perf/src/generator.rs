@@ -585,3 +585,147 @@ pub fn si(v: f64) -> String {
         format!("{v:.0}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A minimal blocking echo server for one connection: answers the handshake, then echoes
+    /// each client frame unmasked, XOR-ing payload byte `corrupt_at` of message `corrupt_msg`
+    /// with 1 (when set). Frames are echoed one by one, so fragmented messages stay fragmented.
+    fn raw_echo(corrupt: Option<(usize, usize)>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let key = loop {
+                let n = sock.read(&mut chunk).unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let line = head
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
+                        .unwrap()
+                        .to_string();
+                    break line.split(':').nth(1).unwrap().trim().to_string();
+                }
+            };
+            let reply = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {}\r\n\r\n",
+                wire::accept_for(&key)
+            );
+            sock.write_all(reply.as_bytes()).unwrap();
+            let mut message = 0;
+            loop {
+                // Parse one complete client frame from `buf`, reading more as needed.
+                let frame = loop {
+                    if buf.len() >= 2 {
+                        let (ext, len) = match buf[1] & 0x7F {
+                            126 if buf.len() >= 4 => {
+                                (2, u16::from_be_bytes([buf[2], buf[3]]) as usize)
+                            }
+                            127 if buf.len() >= 10 => (
+                                8,
+                                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                            ),
+                            126 | 127 => (usize::MAX, 0),
+                            n => (0, n as usize),
+                        };
+                        if ext != usize::MAX && buf.len() >= 2 + ext + 4 + len {
+                            let mask: [u8; 4] = buf[2 + ext..6 + ext].try_into().unwrap();
+                            let mut payload: Vec<u8> = buf[6 + ext..6 + ext + len]
+                                .iter()
+                                .enumerate()
+                                .map(|(i, b)| b ^ mask[i & 3])
+                                .collect();
+                            let b0 = buf[0];
+                            buf.drain(..6 + ext + len);
+                            if let Some((msg, at)) = corrupt {
+                                if msg == message && at < payload.len() {
+                                    payload[at] ^= 1;
+                                }
+                            }
+                            break (b0, payload);
+                        }
+                    }
+                    match sock.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let (b0, payload) = frame;
+                if b0 & 0x0F == 0x8 {
+                    return;
+                }
+                if b0 & 0x80 != 0 {
+                    message += 1;
+                }
+                let mut out = vec![b0];
+                if payload.len() < 126 {
+                    out.push(payload.len() as u8);
+                } else if payload.len() <= 0xFFFF {
+                    out.push(126);
+                    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+                } else {
+                    out.push(127);
+                    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+                }
+                out.extend_from_slice(&payload);
+                if sock.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        });
+        addr
+    }
+
+    fn params(addr: SocketAddr, size: usize, fragment: usize, messages: u64) -> Params {
+        Params {
+            addr,
+            scenario: Scenario::Throughput,
+            conns: 1,
+            inflight: 4,
+            size,
+            fragment,
+            chop: 0,
+            duration: Duration::from_secs(20),
+            warmup: Duration::ZERO,
+            messages: Some(messages),
+            server_pid: None,
+            label: "test".into(),
+            open_window: 1,
+            spin: false,
+        }
+    }
+
+    #[test]
+    fn run_completes_against_a_correct_echo_including_fragments() {
+        let outcome = run(&params(raw_echo(None), 300, 0, 50)).unwrap();
+        assert_eq!(outcome.messages, 50);
+        assert_eq!(outcome.latency.len(), 50);
+        let outcome = run(&params(raw_echo(None), 1000, 128, 20)).unwrap();
+        assert_eq!(outcome.messages, 20);
+    }
+
+    #[test]
+    fn run_fails_when_one_echoed_byte_differs() {
+        let err = run(&params(raw_echo(Some((7, 200))), 300, 0, 50)).unwrap_err();
+        assert!(err.contains("mismatch at byte 200"), "{err}");
+    }
+
+    #[test]
+    fn run_fails_when_written_in_chops_and_corrupted() {
+        let mut p = params(raw_echo(Some((0, 4000))), 8192, 0, 3);
+        p.chop = 64;
+        let err = run(&p).unwrap_err();
+        assert!(err.contains("mismatch at byte 4000"), "{err}");
+    }
+}
