@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{builder, start, wait_for, wait_idle, RawClient};
+use common::{builder, masked_frame, start, wait_for, wait_idle, RawClient};
 use futures_util::{SinkExt, StreamExt};
 use ringsock::server::{Message, ServerHandle};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
@@ -552,5 +552,37 @@ async fn idle_peer_that_answers_pings_stays_open() {
         next_data(&mut ws).await,
         TMessage::Text("still here".into())
     );
+    handle.shutdown();
+}
+
+/// A client that pipelines many messages, then its close, then half-closes (FIN) before it
+/// reads anything: the server goes over its high-water mark with input stashed when the FIN
+/// arrives. Every message must still be echoed, in order, followed by the close echo.
+#[test]
+fn messages_stashed_over_the_mark_survive_the_peers_fin() {
+    let (handle, _probe) = start(builder().high_water_mark(16 * 1024));
+    let mut client = RawClient::connect(handle.local_addr());
+    let count = 3000usize;
+    let mut writer = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut burst = Vec::new();
+        for i in 0..count {
+            let payload = vec![(i % 251) as u8; 1024];
+            burst.extend_from_slice(&masked_frame(true, 2, &payload));
+        }
+        burst.extend_from_slice(&masked_frame(true, 8, &1000u16.to_be_bytes()));
+        writer.write_all(&burst).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..count {
+        let frame = client.read_frame();
+        assert_eq!(frame.opcode, 2, "message {i}");
+        assert_eq!(frame.payload, vec![(i % 251) as u8; 1024], "message {i}");
+    }
+    assert_eq!(client.read_close(), Some(1000));
+    assert!(client.sees_eof());
+    sender.join().unwrap();
+    wait_idle(&handle);
     handle.shutdown();
 }

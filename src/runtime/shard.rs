@@ -643,9 +643,13 @@ impl<H: Handler> Shard<H> {
             }
             match -res {
                 0 => {
+                    // The peer's FIN. Input stashed over the high-water mark is still owed
+                    // processing, and replies to it still go out (a half-closed peer reads):
+                    // `settle_one` ends the connection once both are done, bounded by the
+                    // close timeout.
                     c.peer_eof = true;
-                    if !c.close_after_flush || (c.send.is_idle() && c.link.out.is_empty()) {
-                        kill(c);
+                    if c.deadline == 0 {
+                        c.deadline = now + core.close_ms;
                     }
                 }
                 libc::ENOBUFS | libc::ECANCELED => {} // settled below: re-armed if wanted
@@ -893,6 +897,15 @@ impl<H: Handler> Shard<H> {
             return;
         };
         let stashed = c.stash_pos < c.stash.len();
+        let flushed = c.send.is_idle() && c.link.out.is_empty() && c.link.deferred.is_empty();
+        if c.peer_eof && !stashed && flushed {
+            // The peer's FIN, and everything received before it was processed and every reply
+            // written (after a closing handshake, or without one: 1006): nothing is lost by
+            // ending the connection now.
+            kill(c);
+            core.ctx.touch(&mut c.link);
+            return;
+        }
         let want_read = !c.over_mark && !stashed && !c.peer_eof && !c.dead;
         if want_read && !c.recv_armed {
             let ud = user_data(TAG_RECV, slot, gen);
