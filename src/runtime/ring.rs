@@ -640,6 +640,18 @@ impl SendBuf {
         }
     }
 
+    /// Frees the heap vector if nothing is loaded and it grew past `keep` bytes. Called for
+    /// quiet connections only: between the messages of a busy one the vector is kept, so a
+    /// stream of large messages does not fault in a fresh buffer for each.
+    pub fn shrink(&mut self, keep: usize) -> usize {
+        let capacity = self.heap.capacity();
+        if self.is_idle() && capacity > keep {
+            self.heap = Vec::new();
+            return capacity;
+        }
+        0
+    }
+
     /// Forgets unsent bytes (the connection is dead) and returns the slab.
     pub fn discard(&mut self, pool: Option<&mut FixedPool>) {
         if !self.in_flight {

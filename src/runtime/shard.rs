@@ -514,13 +514,14 @@ impl<H: Handler> Shard<H> {
             TAG_RECV => self.on_recv(cqe, slot, gen),
             TAG_SEND => {
                 let core = &mut self.core;
-                let keep = core.keep_send_capacity;
                 let Some(c) = conn_at(&mut core.slots, slot, gen) else {
                     return;
                 };
                 let res = cqe.result();
+                // Large vectors are kept while the connection is busy; `on_tick` frees them
+                // once it is quiet (see `shrink_quiet`).
                 c.send
-                    .complete(res.max(0) as usize, self.pool.as_mut(), keep);
+                    .complete(res.max(0) as usize, self.pool.as_mut(), usize::MAX);
                 c.link.in_flight = c.send.remaining();
                 if res < 0 && !c.dead {
                     debug_log!("send failed: {}", io::Error::from_raw_os_error(-res));
@@ -769,6 +770,9 @@ impl<H: Handler> Shard<H> {
                 core.ctx.touch(&mut c.link);
                 continue;
             }
+            if now.saturating_sub(c.last_rx) >= SHRINK_AFTER_MS {
+                shrink_quiet(c, core.keep_send_capacity);
+            }
             let (Some(idle), true) = (idle, c.link.open) else {
                 continue;
             };
@@ -944,6 +948,21 @@ fn conn_at<S>(slots: &mut [Slot<S>], slot: u32, gen: u32) -> Option<&mut Conn<S>
         .get_mut(slot as usize)
         .filter(|s| s.gen == gen)
         .and_then(|s| s.conn.as_mut())
+}
+
+/// A connection with nothing received for this long gives back its large buffers.
+const SHRINK_AFTER_MS: u64 = 1000;
+
+/// Frees the large buffers of a quiet connection: the engine's reassembly, inflate and
+/// compression buffers and the send vectors, each above `keep` bytes and not in use.
+fn shrink_quiet<S>(c: &mut Conn<S>, keep: usize) {
+    if let Some(ws) = c.ws.as_mut() {
+        ws.conn.shrink_buffers();
+    }
+    c.send.shrink(keep);
+    if c.link.out.is_empty() && c.link.out.capacity() > keep {
+        c.link.out = Vec::new();
+    }
 }
 
 /// Marks a connection dead and shuts its socket down both ways, so every operation in flight

@@ -451,7 +451,7 @@ fn send_rejects_misuse() {
 
 #[test]
 #[cfg_attr(miri, ignore = "large payloads take minutes under Miri")]
-fn frees_large_reassembly_buffers_after_their_message() {
+fn keeps_large_buffers_between_messages_until_shrunk() {
     let mut conn = Connection::new(Config::default(), None);
     let big = vec![b'a'; 300_000];
     let frames = [
@@ -462,7 +462,25 @@ fn frees_large_reassembly_buffers_after_their_message() {
     assert_eq!(events.len(), 1);
     let (events, _) = drive_with(&mut conn, &[&text("small")]);
     assert_eq!(events, vec![Owned::Text("small".into())]);
+    assert!(
+        conn.reassembly.capacity() >= 300_000,
+        "kept for the next large message"
+    );
+    assert!(conn.shrink_buffers() >= 300_000);
     assert_eq!(conn.reassembly.capacity(), 0);
+}
+
+#[test]
+fn shrinking_never_drops_a_message_in_progress() {
+    let mut conn = Connection::new(Config::default(), None);
+    let first = client_frame(0x01, &vec![b'x'; 100_000], MASK);
+    let (events, _) = drive_with(&mut conn, &[&first]);
+    assert!(events.is_empty());
+    assert_eq!(conn.shrink_buffers(), 0);
+    let (events, _) = drive_with(&mut conn, &[&client_frame(0x80, b"y", MASK)]);
+    let mut expected = "x".repeat(100_000);
+    expected.push('y');
+    assert_eq!(events, vec![Owned::Text(expected)]);
 }
 
 /// One message or control frame of a generated conversation.
