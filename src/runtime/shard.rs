@@ -312,10 +312,9 @@ impl<H: Handler> Shard<H> {
                 });
             match registered {
                 Ok(ring_bufs) => bufs = Some(ring_bufs),
-                Err(e) if index == 0 => {
-                    warn_log!("no provided-buffer ring ({e}): using single-shot receives")
-                }
-                Err(_) => {}
+                Err(e) => warn_log!(
+                    "shard {index}: no provided-buffer ring ({e}): using single-shot receives"
+                ),
             }
         }
         let mut pool = None;
@@ -341,11 +340,14 @@ impl<H: Handler> Shard<H> {
                 count /= 2;
             }
             match (&pool, last_err) {
-                (None, Some(e)) if index == 0 => warn_log!(
-                    "cannot register send buffers ({e}; raise `ulimit -l`): using heap sends"
+                // One line per shard that falls back: with a tight memlock limit the later
+                // shards may fall back where the first did not.
+                (None, Some(e)) => warn_log!(
+                    "shard {index}: cannot register send buffers ({e}; raise `ulimit -l`): \
+                     using heap sends"
                 ),
-                (Some(p), Some(e)) if index == 0 => warn_log!(
-                    "registered a smaller send pool of {} KiB ({e})",
+                (Some(p), Some(e)) => warn_log!(
+                    "shard {index}: registered a smaller send pool of {} KiB ({e})",
                     p.bytes() / 1024
                 ),
                 _ => {}
