@@ -300,7 +300,10 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
             })
             .collect();
         for rep in 0..reps {
-            for (kind, result) in kinds.iter().zip(&mut results) {
+            // Each repetition starts one server later, so no server always runs first (on a
+            // cold cache) or right after the same neighbour.
+            for i in (0..kinds.len()).map(|i| (i + rep) % kinds.len()) {
+                let (kind, result) = (&kinds[i], &mut results[i]);
                 if result.failure.is_some() {
                     continue;
                 }
