@@ -586,3 +586,76 @@ fn messages_stashed_over_the_mark_survive_the_peers_fin() {
     wait_idle(&handle);
     handle.shutdown();
 }
+
+/// Counts a streamed message's pieces and bytes and answers `len:N pieces:K` at its end.
+struct Streamer;
+
+impl ringsock::Handler for Streamer {
+    type State = (usize, usize);
+
+    fn on_upgrade(
+        &self,
+        _req: &ringsock::proto::handshake::Request<'_>,
+        _upgrade: &mut ringsock::server::Upgrade,
+    ) -> Result<(usize, usize), ringsock::proto::handshake::HttpError> {
+        Ok((0, 0))
+    }
+
+    fn on_message(&self, ws: &mut ringsock::Ws<'_, (usize, usize)>, msg: Message<'_>) {
+        ws.send_text(&format!("whole:{}", msg.as_bytes().len()));
+    }
+
+    fn on_fragment(
+        &self,
+        ws: &mut ringsock::Ws<'_, (usize, usize)>,
+        _text: bool,
+        data: &[u8],
+        first: bool,
+        last: bool,
+    ) {
+        let state = ws.state_mut();
+        if first {
+            *state = (0, 0);
+        }
+        state.0 += data.len();
+        state.1 += 1;
+        if last {
+            let (len, pieces) = *ws.state();
+            ws.send_text(&format!("len:{len} pieces:{pieces}"));
+        }
+    }
+}
+
+#[test]
+fn streams_large_messages_to_on_fragment_in_pieces() {
+    let handle = ringsock::Builder::new()
+        .addr("127.0.0.1:0")
+        .shards(1)
+        .pin_threads(false)
+        .stream_messages(true)
+        .build(Streamer)
+        .start()
+        .unwrap();
+    let mut client = RawClient::connect(handle.local_addr());
+    client.send_frame(true, 2, b"small");
+    assert_eq!(client.read_frame().payload, b"whole:5");
+    let piece = vec![7u8; 64 * 1024];
+    for i in 0..64 {
+        client.send_frame(i == 63, if i == 0 { 2 } else { 0 }, &piece);
+    }
+    let answer = String::from_utf8(client.read_frame().payload).unwrap();
+    let (len, pieces) = answer
+        .strip_prefix("len:")
+        .and_then(|rest| rest.split_once(" pieces:"))
+        .map(|(l, p)| (l.parse::<usize>().unwrap(), p.parse::<usize>().unwrap()))
+        .unwrap_or_else(|| panic!("unexpected answer {answer}"));
+    assert_eq!(len, 64 * 64 * 1024, "every byte arrived");
+    assert!(
+        pieces >= 64,
+        "delivered in pieces as they arrived, not whole ({pieces})"
+    );
+    client.send_frame(true, 8, &1000u16.to_be_bytes());
+    assert_eq!(client.read_close(), Some(1000));
+    wait_idle(&handle);
+    handle.shutdown();
+}

@@ -66,6 +66,10 @@ pub struct Config {
     /// Default 64 MiB: room for Autobahn's 16 MiB messages with headroom, while a peer can
     /// only make the connection hold as much as it actually sends.
     pub max_message_size: usize,
+    /// Hand out messages that do not arrive whole in one read as [`Event::Fragment`]s, piece
+    /// by piece as they arrive, instead of reassembling them: for messages too large to hold.
+    /// Compressed messages are still reassembled (they inflate as a whole). Default off.
+    pub stream_messages: bool,
 }
 
 impl Default for Config {
@@ -73,6 +77,7 @@ impl Default for Config {
         Config {
             max_frame_size: 16 << 20,
             max_message_size: 64 << 20,
+            stream_messages: false,
         }
     }
 }
@@ -113,6 +118,22 @@ pub enum Event<'a> {
     Ping(&'a [u8]),
     /// A pong.
     Pong(&'a [u8]),
+    /// A piece of a message, with [`Config::stream_messages`] on: the bytes of the message
+    /// that arrived in this read, in order. The pieces of one message come one after the
+    /// other (control frames may come between them); text is validated as it arrives, so a
+    /// piece may end inside a code point, but the whole is valid UTF-8 by the `last` piece
+    /// (an [`Event::Error`] comes instead otherwise). Messages that arrive whole in one read
+    /// still come as [`Event::Text`] or [`Event::Binary`].
+    Fragment {
+        /// [`OpCode::Text`] or [`OpCode::Binary`]: the message's type.
+        opcode: OpCode,
+        /// This piece's bytes.
+        data: &'a [u8],
+        /// The first piece of its message.
+        first: bool,
+        /// The last piece of its message.
+        last: bool,
+    },
     /// The peer's close frame. If we had not sent ours, the echo has been queued. Either way
     /// the state is now [`State::Closed`]: flush the output, then drop TCP.
     Close {
@@ -157,6 +178,10 @@ struct MessageState {
     opcode: OpCode,
     compressed: bool,
     utf8: Utf8Validator,
+    /// Payload bytes received so far, for the size limit.
+    len: u64,
+    /// A piece of it was handed out already ([`Config::stream_messages`]).
+    streamed: bool,
 }
 
 /// Where an event's bytes are.
@@ -172,6 +197,12 @@ enum Source {
 #[derive(Debug)]
 enum Ready {
     Data(OpCode, Source),
+    Fragment {
+        opcode: OpCode,
+        range: Range<usize>,
+        first: bool,
+        last: bool,
+    },
     Ping(Source),
     Pong(Source),
     Close(Option<CloseCode>, Source),
@@ -300,6 +331,17 @@ impl Connection {
                     Some(Event::Binary(bytes))
                 }
             }
+            Some(Ready::Fragment {
+                opcode,
+                range,
+                first,
+                last,
+            }) => Some(Event::Fragment {
+                opcode,
+                data: &buf[range],
+                first,
+                last,
+            }),
             Some(Ready::Ping(source)) => Some(Event::Ping(self.bytes(buf, source))),
             Some(Ready::Pong(source)) => Some(Event::Pong(self.bytes(buf, source))),
             Some(Ready::Close(code, source)) => {
@@ -594,7 +636,7 @@ impl Connection {
             if header.payload_len > self.config.max_frame_size as u64 {
                 return Err(ProtocolError::FrameTooBig);
             }
-            let so_far = self.reassembly.len() as u64;
+            let so_far = self.message.as_ref().map_or(0, |m| m.len);
             if so_far + header.payload_len > self.config.max_message_size as u64 {
                 return Err(ProtocolError::MessageTooBig);
             }
@@ -603,6 +645,8 @@ impl Connection {
                     opcode: header.opcode,
                     compressed: header.rsv1,
                     utf8: Utf8Validator::new(),
+                    len: 0,
+                    streamed: false,
                 });
             }
         }
@@ -680,6 +724,30 @@ impl Connection {
                 .utf8
                 .feed(chunk)
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        message.len += take as u64;
+        if self.config.stream_messages && !message.compressed {
+            let last = complete && frame.fin;
+            if take == 0 && !last {
+                return Ok(None);
+            }
+            if last && message.opcode == OpCode::Text {
+                message
+                    .utf8
+                    .finish()
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+            let (opcode, first) = (message.opcode, !message.streamed);
+            message.streamed = true;
+            if last {
+                self.message = None;
+            }
+            return Ok(Some(Ready::Fragment {
+                opcode,
+                range: start..end,
+                first,
+                last,
+            }));
         }
         if frame.first && frame.remaining > 0 && self.reassembly.is_empty() {
             // A message split across reads: reserve once, bounded by what can still arrive

@@ -373,6 +373,7 @@ impl<H: Handler> Shard<H> {
             proto_config: proto::Config {
                 max_frame_size: config.limits.max_frame_size,
                 max_message_size: config.limits.max_message_size,
+                stream_messages: config.limits.stream_messages,
             },
             hs_limits: handshake::Limits {
                 max_request_bytes: config.limits.max_request_bytes,
@@ -1341,6 +1342,15 @@ impl<H: Handler> Core<H> {
                 }
                 Event::Binary(bytes) if ws.link.open => {
                     handler.on_message(&mut ws, Message::Binary(bytes));
+                }
+                Event::Fragment {
+                    opcode,
+                    data,
+                    first,
+                    last,
+                } if ws.link.open => {
+                    let text = opcode == OpCode::Text;
+                    handler.on_fragment(&mut ws, text, data, first, last);
                 }
                 Event::Ping(payload) => handler.on_ping(&mut ws, payload),
                 Event::Pong(payload) => handler.on_pong(&mut ws, payload),

@@ -61,6 +61,11 @@ pub struct Limits {
     pub max_headers: usize,
     /// Connections per shard; the next one gets a 503 and is closed. Default 100 000.
     pub max_connections_per_shard: usize,
+    /// Deliver messages that do not arrive whole in one read piece by piece to
+    /// [`crate::server::Handler::on_fragment`] instead of reassembling them, so a handler can
+    /// take messages larger than it wants to hold (`max_message_size` still applies). Default
+    /// off: every message comes whole to `on_message`.
+    pub stream_messages: bool,
 }
 
 impl Default for Limits {
@@ -71,6 +76,7 @@ impl Default for Limits {
             max_request_bytes: 8 * 1024,
             max_headers: 64,
             max_connections_per_shard: 100_000,
+            stream_messages: false,
         }
     }
 }

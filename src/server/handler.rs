@@ -136,6 +136,23 @@ pub trait Handler: Send + Sync + 'static {
         let _ = (ws, msg);
     }
 
+    /// A piece of a message, with [`crate::server::Config`]'s `limits.stream_messages` on
+    /// (see [`crate::Builder::stream_messages`]): the bytes that arrived in this read, in
+    /// order, borrowed from the receive buffer. `text` tells the message's type; text pieces
+    /// may end inside a code point, and the message as a whole is valid UTF-8 by the `last`
+    /// piece (otherwise the connection fails with 1007 and `on_close` comes instead).
+    /// Messages that arrive whole in one read still come to [`Handler::on_message`].
+    fn on_fragment(
+        &self,
+        ws: &mut Ws<'_, Self::State>,
+        text: bool,
+        data: &[u8],
+        first: bool,
+        last: bool,
+    ) {
+        let _ = (ws, text, data, first, last);
+    }
+
     /// A ping arrived; the pong is queued already (RFC 6455 §5.5.2).
     fn on_ping(&self, ws: &mut Ws<'_, Self::State>, payload: &[u8]) {
         let _ = (ws, payload);

@@ -96,6 +96,13 @@ impl Builder {
         self
     }
 
+    /// Deliver messages that do not arrive whole in one read piece by piece to
+    /// [`Handler::on_fragment`] instead of reassembling them (default off).
+    pub fn stream_messages(mut self, on: bool) -> Builder {
+        self.config.limits.stream_messages = on;
+        self
+    }
+
     /// Connections per shard before new ones get a 503.
     pub fn max_connections_per_shard(mut self, n: usize) -> Builder {
         self.config.limits.max_connections_per_shard = n;

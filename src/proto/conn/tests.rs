@@ -24,6 +24,7 @@ fn own(event: Event<'_>) -> Owned {
         Event::Pong(b) => Owned::Pong(b.to_vec()),
         Event::Close { code, reason } => Owned::Close(code.map(|c| c.0), reason.to_owned()),
         Event::Error(e) => Owned::Error(e),
+        other => panic!("unexpected event {other:?}"),
     }
 }
 
@@ -284,6 +285,7 @@ fn rejects_oversized_frames_and_messages_with_1009_before_allocating() {
     let config = Config {
         max_frame_size: 100,
         max_message_size: 150,
+        ..Config::default()
     };
     let mut conn = Connection::new(config, None);
     // Only the header of a huge frame: rejected before any payload arrives.
@@ -600,4 +602,126 @@ fn one_byte_at_a_time_yields_the_same_events() {
     let chunks: Vec<&[u8]> = wire.chunks(1).collect();
     let (events, _) = drive(&chunks);
     assert_eq!(events, expected);
+}
+
+/// Feeds `chunks` to a streaming connection and joins each message's pieces.
+fn drive_streaming(config: Config, chunks: &[&[u8]]) -> Vec<Owned> {
+    let mut conn = Connection::new(
+        Config {
+            stream_messages: true,
+            ..config
+        },
+        None,
+    );
+    let mut events = Vec::new();
+    let mut pending: Option<(OpCode, Vec<u8>)> = None;
+    let mut out = Vec::new();
+    for chunk in chunks {
+        let mut read = chunk.to_vec();
+        let mut pos = 0;
+        loop {
+            let progress = conn.handle_read(&mut read[pos..], &mut out);
+            pos += progress.consumed;
+            match progress.event {
+                Some(Event::Fragment {
+                    opcode,
+                    data,
+                    first,
+                    last,
+                }) => {
+                    assert_eq!(first, pending.is_none(), "first marks the first piece");
+                    let (op, bytes) = pending.get_or_insert((opcode, Vec::new()));
+                    assert_eq!(*op, opcode);
+                    bytes.extend_from_slice(data);
+                    if last {
+                        let (op, bytes) = pending.take().unwrap();
+                        events.push(if op == OpCode::Text {
+                            Owned::Text(String::from_utf8(bytes).expect("valid by the last"))
+                        } else {
+                            Owned::Binary(bytes)
+                        });
+                    }
+                }
+                Some(event) => events.push(own(event)),
+                None => break,
+            }
+        }
+    }
+    events
+}
+
+proptest! {
+    #[test]
+    fn streamed_pieces_join_to_the_same_messages_for_any_split(
+        items in prop::collection::vec(item(), 0..8),
+        masks in prop::collection::vec(any::<[u8; 4]>(), 1..4),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+    ) {
+        let (wire, expected) = encode(&items, &masks);
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+        points.push(0);
+        points.push(wire.len());
+        points.sort_unstable();
+        let chunks: Vec<&[u8]> = points.windows(2).map(|w| &wire[w[0]..w[1]]).collect();
+        prop_assert_eq!(drive_streaming(Config::default(), &chunks), expected);
+    }
+}
+
+#[test]
+fn streaming_hands_out_pieces_without_reassembling() {
+    let frames = [
+        client_frame(0x02, &[1; 1000], MASK),
+        client_frame(0x80, &[2; 1000], MASK),
+    ];
+    let mut conn = Connection::new(
+        Config {
+            stream_messages: true,
+            ..Config::default()
+        },
+        None,
+    );
+    let mut pieces = Vec::new();
+    let mut out = Vec::new();
+    for frame in &frames {
+        let mut read = frame.clone();
+        let mut pos = 0;
+        loop {
+            let progress = conn.handle_read(&mut read[pos..], &mut out);
+            pos += progress.consumed;
+            match progress.event {
+                Some(Event::Fragment {
+                    data, first, last, ..
+                }) => pieces.push((data.len(), data[0], first, last)),
+                Some(other) => panic!("{other:?}"),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(pieces, vec![(1000, 1, true, false), (1000, 2, false, true)]);
+    assert_eq!(
+        conn.reassembly.capacity(),
+        0,
+        "nothing was copied into the connection"
+    );
+}
+
+#[test]
+fn streaming_keeps_the_message_limit_and_fails_fast_on_invalid_utf8() {
+    let config = Config {
+        max_frame_size: 100,
+        max_message_size: 150,
+        stream_messages: true,
+    };
+    let frames = [
+        client_frame(0x02, &[1; 100], MASK),
+        client_frame(0x80, &[2; 51], MASK),
+    ];
+    let events = drive_streaming(config, &[&frames[0], &frames[1]]);
+    assert_eq!(events, vec![Owned::Error(ProtocolError::MessageTooBig)]);
+    let frames = [
+        client_frame(0x01, b"ok", MASK),
+        client_frame(0x80, &[0xC0, 0x80], MASK),
+    ];
+    let events = drive_streaming(Config::default(), &[&frames[0], &frames[1]]);
+    assert_eq!(events, vec![Owned::Error(ProtocolError::InvalidUtf8)]);
 }
