@@ -832,11 +832,7 @@ impl<H: Handler> Shard<H> {
             ..
         } = self;
         let now = core.now;
-        let Some(c) = core
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut core.slots, slot) else {
             return;
         };
         c.link.touched = false;
@@ -886,21 +882,13 @@ impl<H: Handler> Shard<H> {
         } else if !c.over_mark && buffered >= mark {
             c.over_mark = true;
         }
-        let Some(c) = core
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut core.slots, slot) else {
             return;
         };
         if !c.over_mark && c.stash_pos < c.stash.len() {
             core.feed_stash(slot);
         }
-        let Some(c) = core
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut core.slots, slot) else {
             return;
         };
         let stashed = c.stash_pos < c.stash.len();
@@ -943,6 +931,11 @@ impl<H: Handler> Shard<H> {
             }
         }
     }
+}
+
+/// The connection in `slot`, if any (callers that hold a slot taken from a live connection).
+fn live_conn<S>(slots: &mut [Slot<S>], slot: u32) -> Option<&mut Conn<S>> {
+    slots.get_mut(slot as usize).and_then(|s| s.conn.as_mut())
 }
 
 /// The live connection in `slot` if its generation matches (stale completions get `None`).
@@ -1038,11 +1031,7 @@ fn settle_callback<S>(c: &mut Conn<S>, now: u64, close_ms: u64) {
 impl<H: Handler> Core<H> {
     /// Runs a callback with the engine available (not borrowed by an event).
     fn call(&mut self, slot: u32, f: impl FnOnce(&H, &mut Ws<'_, H::State>)) {
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, slot) else {
             return;
         };
         let Some(part) = c.ws.as_mut() else { return };
@@ -1140,11 +1129,7 @@ impl<H: Handler> Core<H> {
     /// of replies, and the peer's excess waits in its own socket buffers.
     fn on_received(&mut self, slot: u32, data: &mut [u8]) {
         let mark = self.ctx.high_water_mark;
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, slot) else {
             return;
         };
         if c.over_mark || c.stash_pos < c.stash.len() {
@@ -1152,11 +1137,7 @@ impl<H: Handler> Core<H> {
             return;
         }
         self.on_bytes(slot, data);
-        if let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        {
+        if let Some(c) = live_conn(&mut self.slots, slot) {
             if c.link.buffered() >= mark {
                 c.over_mark = true;
             }
@@ -1169,11 +1150,7 @@ impl<H: Handler> Core<H> {
         let mark = self.ctx.high_water_mark;
         let chunk = self.config.buffers.recv_buffer_size.max(1);
         loop {
-            let Some(c) = self
-                .slots
-                .get_mut(slot as usize)
-                .and_then(|s| s.conn.as_mut())
-            else {
+            let Some(c) = live_conn(&mut self.slots, slot) else {
                 return;
             };
             if c.dead || c.over_mark || c.stash_pos >= c.stash.len() {
@@ -1191,11 +1168,7 @@ impl<H: Handler> Core<H> {
             let end = stash.len().min(start + chunk);
             c.stash_pos = end;
             self.on_bytes(slot, &mut stash[start..end]);
-            let Some(c) = self
-                .slots
-                .get_mut(slot as usize)
-                .and_then(|s| s.conn.as_mut())
-            else {
+            let Some(c) = live_conn(&mut self.slots, slot) else {
                 return;
             };
             c.stash = stash;
@@ -1207,11 +1180,7 @@ impl<H: Handler> Core<H> {
 
     /// Received bytes for a connection, by phase.
     fn on_bytes(&mut self, slot: u32, data: &mut [u8]) {
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, slot) else {
             return;
         };
         if c.dead {
@@ -1226,11 +1195,7 @@ impl<H: Handler> Core<H> {
     }
 
     fn on_handshake_bytes(&mut self, slot: u32, data: &[u8]) {
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, slot) else {
             return;
         };
         let Some(mut buf) = c.handshake.take() else {
@@ -1311,11 +1276,7 @@ impl<H: Handler> Core<H> {
 
     fn on_frames(&mut self, slot: u32, data: &mut [u8]) {
         let (now, close_ms) = (self.now, self.close_ms);
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = live_conn(&mut self.slots, slot) else {
             return;
         };
         let handler = &*self.handler;
@@ -1386,12 +1347,7 @@ impl<H: Handler> Core<H> {
 
     fn send_to(&mut self, slot: u32, gen: u32, opcode: OpCode, payload: &[u8]) {
         let limits = self.ctx.limits();
-        let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .filter(|s| s.gen == gen)
-            .and_then(|s| s.conn.as_mut())
-        else {
+        let Some(c) = conn_at(&mut self.slots, slot, gen) else {
             return;
         };
         let Some(part) = c.ws.as_mut() else { return };
