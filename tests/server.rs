@@ -516,6 +516,13 @@ fn replies_from_on_message_are_compressed_when_deflate_was_negotiated() {
     let first = c.read_frame();
     assert_eq!(inflate(&first.payload), text.as_bytes());
     assert_eq!(c.read_frame().payload, b"small");
+    // The handler may decline compression per message (RFC 7692 §6: it is per message).
+    c.send_frame(true, 1, b"cmd:plain");
+    let plain = c.read_frame();
+    assert_eq!(
+        (plain.rsv1, plain.payload.as_slice()),
+        (false, text.as_bytes())
+    );
     handle.shutdown();
 }
 

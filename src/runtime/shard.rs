@@ -1351,8 +1351,14 @@ impl<H: Handler> Core<H> {
             return;
         };
         let Some(part) = c.ws.as_mut() else { return };
-        if queue_message(&mut c.link, Some(&mut part.conn), opcode, payload, &limits)
-            != SendStatus::Dropped
+        if queue_message(
+            &mut c.link,
+            Some(&mut part.conn),
+            opcode,
+            payload,
+            true,
+            &limits,
+        ) != SendStatus::Dropped
         {
             self.ctx.touch(&mut c.link);
         }

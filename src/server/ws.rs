@@ -28,25 +28,35 @@ pub struct Ws<'a, S> {
 impl<S> Ws<'_, S> {
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> SendStatus {
-        self.send_frame(OpCode::Text, text.as_bytes())
+        self.send_frame(OpCode::Text, text.as_bytes(), true)
     }
 
     /// Sends a binary message.
     pub fn send_binary(&mut self, bytes: &[u8]) -> SendStatus {
-        self.send_frame(OpCode::Binary, bytes)
+        self.send_frame(OpCode::Binary, bytes, true)
     }
 
     /// Sends a message of the same type.
     pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
+        self.send_with(msg, true)
+    }
+
+    /// Sends a message, choosing for this message whether permessage-deflate may compress
+    /// it: `false` sends it uncompressed even where compression was negotiated (already
+    /// compressed data, latency-critical small messages); `true` compresses it when
+    /// compression was negotiated and the message is large enough to gain (the default of
+    /// the other send methods).
+    pub fn send_with(&mut self, msg: Message<'_>, compress: bool) -> SendStatus {
         match msg {
-            Message::Text(text) => self.send_text(text),
-            Message::Binary(bytes) => self.send_binary(bytes),
+            Message::Text(text) => self.send_frame(OpCode::Text, text.as_bytes(), compress),
+            Message::Binary(bytes) => self.send_frame(OpCode::Binary, bytes, compress),
         }
     }
 
-    fn send_frame(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
+    fn send_frame(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let conn = self.conn.as_deref_mut();
-        let status = queue_message(self.link, conn, opcode, payload, &self.ctx.limits());
+        let limits = self.ctx.limits();
+        let status = queue_message(self.link, conn, opcode, payload, compress, &limits);
         if status != SendStatus::Dropped {
             self.ctx.touch(self.link);
         }
@@ -190,19 +200,21 @@ pub(crate) struct SendLimits {
     pub max_buffered: usize,
 }
 
-/// Queues one data message on a connection. Compressed messages need the engine; when it is
-/// borrowed (inside `on_message`) they are copied aside and encoded after the callback.
+/// Queues one data message on a connection, compressed if `allow_compress`, compression was
+/// negotiated and the message is large enough. Compressed messages need the engine; when it
+/// is borrowed (inside `on_message`) they are copied aside and encoded after the callback.
 pub(crate) fn queue_message(
     link: &mut Link,
     conn: Option<&mut Connection>,
     opcode: OpCode,
     payload: &[u8],
+    allow_compress: bool,
     limits: &SendLimits,
 ) -> SendStatus {
     if !link.open || link.buffered() > limits.max_buffered {
         return SendStatus::Dropped;
     }
-    let compress = link.compress && payload.len() >= link.min_compress;
+    let compress = allow_compress && link.compress && payload.len() >= link.min_compress;
     match conn {
         Some(conn) if compress => {
             if conn.send(&mut link.out, opcode, payload, true).is_err() {

@@ -36,7 +36,7 @@ impl Probe {
 /// `cmd:close` closes with 4000, `cmd:sub:T` subscribes to T and answers `subscribed`,
 /// `cmd:pub:T:M` publishes M to T, `cmd:shard` answers `shard:N`,
 /// `cmd:flood:N:SIZE` sends N binary messages of SIZE bytes, `cmd:pair` sends a large then a
-/// small text message.
+/// small text message, `cmd:plain` sends the large one with compression declined.
 pub struct TestHandler {
     pub probe: Arc<Probe>,
 }
@@ -108,6 +108,10 @@ impl TestHandler {
             ["pair"] => {
                 ws.send_text(&"compressible ".repeat(100));
                 ws.send_text("small");
+            }
+            ["plain"] => {
+                let text = "compressible ".repeat(100);
+                ws.send_with(Message::Text(&text), false);
             }
             ["shard"] => {
                 let shard = ws.shard();
