@@ -86,12 +86,24 @@ impl Default for Config {
 pub trait Sink {
     /// Appends bytes.
     fn put(&mut self, bytes: &[u8]);
+
+    /// A hint that `additional` more bytes are about to be put, so a growable sink grows
+    /// once per frame rather than once per `put`.
+    #[inline]
+    fn reserve(&mut self, additional: usize) {
+        let _ = additional;
+    }
 }
 
 impl Sink for Vec<u8> {
     #[inline]
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
+    }
+
+    #[inline]
+    fn reserve(&mut self, additional: usize) {
+        Vec::reserve(self, additional);
     }
 }
 
@@ -867,6 +879,7 @@ fn parse_close(payload: &[u8]) -> Result<Option<CloseCode>, ProtocolError> {
 pub fn encode_frame<S: Sink>(out: &mut S, fin: bool, rsv1: bool, opcode: OpCode, payload: &[u8]) {
     let mut header = [0u8; MAX_HEADER_LEN];
     let n = frame::encode_header(&mut header, fin, rsv1, opcode, payload.len(), None);
+    out.reserve(n + payload.len());
     out.put(&header[..n]);
     out.put(payload);
 }

@@ -787,7 +787,7 @@ impl<H: Handler> Shard<H> {
                 (true, None) => {
                     if quiet >= idle / 2 {
                         c.pinged_at = Some(now);
-                        crate::server::ws::encode_frame(&mut c.link.out, OpCode::Ping, b"");
+                        proto::encode_frame(&mut c.link.out, true, false, OpCode::Ping, b"");
                         core.ctx.touch(&mut c.link);
                     }
                     false
@@ -1015,7 +1015,7 @@ fn settle_callback<S>(c: &mut Conn<S>, now: u64, close_ms: u64) {
             if compress {
                 let _ = ws.conn.send(&mut c.link.out, opcode, payload, true);
             } else {
-                crate::server::ws::encode_frame(&mut c.link.out, opcode, payload);
+                proto::encode_frame(&mut c.link.out, true, false, opcode, payload);
             }
         }
         c.link.deferred_msgs.clear();

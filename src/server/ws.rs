@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
-use crate::proto::frame::{self, OpCode, MAX_HEADER_LEN};
-use crate::proto::{CloseCode, Connection};
+use crate::proto::frame::OpCode;
+use crate::proto::{encode_frame, CloseCode, Connection};
 use crate::runtime::shard::{Ctx, Link};
 use crate::runtime::{Command, ShardShared};
 use crate::server::{Message, SendStatus};
@@ -68,7 +68,7 @@ impl<S> Ws<'_, S> {
         if payload.len() > 125 || !self.link.open {
             return SendStatus::Dropped;
         }
-        encode_frame(&mut self.link.out, OpCode::Ping, payload);
+        encode_frame(&mut self.link.out, true, false, OpCode::Ping, payload);
         self.ctx.touch(self.link);
         self.link.status(&self.ctx.limits())
     }
@@ -226,18 +226,9 @@ pub(crate) fn queue_message(
             link.deferred.extend_from_slice(payload);
             link.deferred_msgs.push((opcode, payload.len(), compress));
         }
-        _ => encode_frame(&mut link.out, opcode, payload),
+        _ => encode_frame(&mut link.out, true, false, opcode, payload),
     }
     link.status(limits)
-}
-
-/// Appends one unmasked, unfragmented, uncompressed frame (RFC 6455 §5.2: servers never mask).
-pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    let mut header = [0u8; MAX_HEADER_LEN];
-    let n = frame::encode_header(&mut header, true, false, opcode, payload.len(), None);
-    out.reserve(n + payload.len());
-    out.extend_from_slice(&header[..n]);
-    out.extend_from_slice(payload);
 }
 
 /// One frame for many receivers (publish, broadcast).
@@ -246,12 +237,9 @@ pub(crate) fn encode_shared(msg: Message<'_>) -> Bytes {
         Message::Text(text) => (OpCode::Text, text.as_bytes()),
         Message::Binary(bytes) => (OpCode::Binary, bytes),
     };
-    let mut header = [0u8; MAX_HEADER_LEN];
-    let n = frame::encode_header(&mut header, true, false, opcode, payload.len(), None);
-    let mut buf = BytesMut::with_capacity(n + payload.len());
-    buf.extend_from_slice(&header[..n]);
-    buf.extend_from_slice(payload);
-    buf.freeze()
+    let mut buf = Vec::new();
+    encode_frame(&mut buf, true, false, opcode, payload);
+    Bytes::from(buf)
 }
 
 /// The longest prefix of `reason` that fits a close frame (125 - 2 code bytes), cut at a
@@ -280,7 +268,7 @@ mod tests {
     #[test]
     fn encoded_frames_are_unmasked_and_final() {
         let mut out = Vec::new();
-        encode_frame(&mut out, OpCode::Text, b"hi");
+        encode_frame(&mut out, true, false, OpCode::Text, b"hi");
         assert_eq!(out, [0x81, 0x02, b'h', b'i']);
         let shared = encode_shared(Message::Binary(&[0u8; 200]));
         assert_eq!(&shared[..4], &[0x82, 126, 0, 200]);
