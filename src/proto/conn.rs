@@ -47,7 +47,7 @@ use super::deflate::{Deflate, InflateError};
 use super::error::{CloseCode, ProtocolError, SendError};
 use super::frame::{self, Header, OpCode, MAX_HEADER_LEN};
 use super::mask::apply_mask;
-use super::utf8::{self, Utf8Validator};
+use super::utf8::{self, Utf8Buf, Utf8Validator};
 
 /// Reassembly, inflate and compression buffers up to this capacity survive
 /// [`Connection::shrink_buffers`]; larger ones are freed by it, so an idle connection holds no
@@ -233,11 +233,12 @@ pub struct Connection {
     frame: Option<FrameState>,
     message: Option<MessageState>,
     /// A message that spans frames or reads.
-    reassembly: Vec<u8>,
+    /// Text in it was validated as it arrived, so it is handed out without a second pass.
+    reassembly: Utf8Buf,
     /// A control frame that spans reads (§5.5: at most 125 bytes).
     control: [u8; 125],
     control_len: usize,
-    inflated: Vec<u8>,
+    inflated: Utf8Buf,
     /// Compressed output of [`Connection::send`].
     scratch: Vec<u8>,
     /// `reassembly`/`inflated` were lent to the last event: clear them on the next call.
@@ -255,10 +256,10 @@ impl Connection {
             header_len: 0,
             frame: None,
             message: None,
-            reassembly: Vec::new(),
+            reassembly: Utf8Buf::default(),
             control: [0; 125],
             control_len: 0,
-            inflated: Vec::new(),
+            inflated: Utf8Buf::default(),
             scratch: Vec::new(),
             lent: false,
         }
@@ -333,14 +334,14 @@ impl Connection {
             Some(Ready::Data(opcode, source)) => {
                 self.lent = true;
                 let bytes = match source {
-                    Source::Inflated => &self.inflated[..],
-                    _ => &self.reassembly[..],
+                    Source::Inflated => &self.inflated,
+                    _ => &self.reassembly,
                 };
                 if opcode == OpCode::Text {
                     // Validated while it arrived (or after inflation) in `read_payload`.
-                    Some(Event::Text(utf8::validate(bytes).unwrap_or_default()))
+                    Some(Event::Text(bytes.as_str().unwrap_or_default()))
                 } else {
-                    Some(Event::Binary(bytes))
+                    Some(Event::Binary(bytes.as_bytes()))
                 }
             }
             Some(Ready::Fragment {
@@ -487,8 +488,8 @@ impl Connection {
         match source {
             Source::Input(range) => &input[range],
             Source::Control(range) => &self.control[range],
-            Source::Reassembly => &self.reassembly,
-            Source::Inflated => &self.inflated,
+            Source::Reassembly => self.reassembly.as_bytes(),
+            Source::Inflated => self.inflated.as_bytes(),
         }
     }
 
@@ -501,14 +502,8 @@ impl Connection {
         let mut freed = 0;
         if self.lent || (self.frame.is_none() && self.message.is_none()) {
             self.lent = false;
-            for buf in [&mut self.reassembly, &mut self.inflated] {
-                if buf.capacity() > KEEP_CAPACITY {
-                    freed += buf.capacity();
-                    *buf = Vec::new();
-                } else {
-                    buf.clear();
-                }
-            }
+            freed += self.reassembly.shrink(KEEP_CAPACITY);
+            freed += self.inflated.shrink(KEEP_CAPACITY);
         }
         if self.scratch.capacity() > KEEP_CAPACITY {
             freed += self.scratch.capacity();
@@ -532,8 +527,8 @@ impl Connection {
         self.state = State::Closed;
         self.frame = None;
         self.message = None;
-        self.reassembly = Vec::new();
-        self.inflated = Vec::new();
+        self.reassembly = Utf8Buf::default();
+        self.inflated = Utf8Buf::default();
         Ready::Error(error)
     }
 
@@ -730,15 +725,17 @@ impl Connection {
             }
             return Ok(Some(Ready::Data(opcode, Source::Input(start..end))));
         }
-        if message.opcode == OpCode::Text && !message.compressed {
-            // RFC 6455 §8.1 and Autobahn 6.4: fail as soon as invalid UTF-8 arrives.
-            message
-                .utf8
-                .feed(chunk)
-                .map_err(|_| ProtocolError::InvalidUtf8)?;
-        }
+        // RFC 6455 §8.1 and Autobahn 6.4: text fails as soon as invalid UTF-8 arrives, in the
+        // streamed piece here or in the reassembly buffer's push below.
+        let text = message.opcode == OpCode::Text && !message.compressed;
         message.len += take as u64;
         if self.config.stream_messages && !message.compressed {
+            if text {
+                message
+                    .utf8
+                    .feed(chunk)
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
             let last = complete && frame.fin;
             if take == 0 && !last {
                 return Ok(None);
@@ -767,25 +764,29 @@ impl Connection {
             let expected = (take as u64 + frame.remaining).min(KEEP_CAPACITY as u64);
             self.reassembly.reserve(expected as usize);
         }
-        self.reassembly.extend_from_slice(chunk);
+        if text {
+            self.reassembly
+                .push_text(chunk)
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        } else {
+            self.reassembly.push_bytes(chunk);
+        }
         if !(complete && frame.fin) {
             return Ok(None);
         }
-        let Some(mut message) = self.message.take() else {
+        let Some(message) = self.message.take() else {
             return Ok(None);
         };
         if message.compressed {
             let input = std::mem::take(&mut self.reassembly);
-            let ready = self.inflate(message.opcode, 0..input.len(), &input);
+            let ready = self.inflate(message.opcode, 0..input.as_bytes().len(), input.as_bytes());
             self.reassembly = input;
             self.lent = true;
             return ready.map(Some);
         }
-        if message.opcode == OpCode::Text {
-            message
-                .utf8
-                .finish()
-                .map_err(|_| ProtocolError::InvalidUtf8)?;
+        if text && !self.reassembly.is_complete_text() {
+            // The message ended inside a code point.
+            return Err(ProtocolError::InvalidUtf8);
         }
         Ok(Some(Ready::Data(message.opcode, Source::Reassembly)))
     }
@@ -802,13 +803,15 @@ impl Connection {
         };
         let max = self.config.max_message_size;
         deflate
-            .decompress(&input[range], max, &mut self.inflated)
+            .decompress(&input[range], max, self.inflated.vec_mut())
             .map_err(|e| match e {
                 InflateError::TooBig => ProtocolError::MessageTooBig,
                 InflateError::Invalid => ProtocolError::InvalidCompressedData,
             })?;
-        if opcode == OpCode::Text && utf8::validate(&self.inflated).is_err() {
-            return Err(ProtocolError::InvalidUtf8);
+        if opcode == OpCode::Text {
+            self.inflated
+                .check_text()
+                .map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         Ok(Ready::Data(opcode, Source::Inflated))
     }

@@ -207,6 +207,133 @@ fn is_continuation_at(lead: u8, position: usize, byte: u8) -> bool {
     range.contains(&byte)
 }
 
+/// A byte buffer that validates text once, as it is appended, and then hands it out as
+/// `&str` without a second pass.
+///
+/// Text enters only through [`push_text`](Self::push_text) (validated incrementally, failing
+/// fast) or [`check_text`](Self::check_text) (one whole-buffer pass after the bytes were
+/// written by [`vec_mut`](Self::vec_mut), e.g. by an inflater); anything else marks the
+/// contents as not text. [`as_str`](Self::as_str) relies on exactly that invariant.
+#[derive(Debug)]
+pub struct Utf8Buf {
+    bytes: Vec<u8>,
+    utf8: Utf8Validator,
+    /// Every byte since the last `clear` went through `push_text` or `check_text`.
+    text: bool,
+}
+
+impl Default for Utf8Buf {
+    fn default() -> Self {
+        Utf8Buf {
+            bytes: Vec::new(),
+            utf8: Utf8Validator::new(),
+            text: true,
+        }
+    }
+}
+
+impl Utf8Buf {
+    /// Appends text, validating it as a continuation of what is there.
+    ///
+    /// # Errors
+    /// As soon as the bytes so far cannot begin valid UTF-8; nothing is appended then.
+    #[inline]
+    pub fn push_text(&mut self, chunk: &[u8]) -> Result<(), Utf8Error> {
+        if let Err(e) = self.utf8.feed(chunk) {
+            self.text = false;
+            return Err(e);
+        }
+        self.bytes.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// Appends bytes that are not validated (binary, or compressed data).
+    #[inline]
+    pub fn push_bytes(&mut self, chunk: &[u8]) {
+        self.text = false;
+        self.bytes.extend_from_slice(chunk);
+    }
+
+    /// The vector itself, for a writer such as an inflater; the contents count as text again
+    /// only after [`check_text`](Self::check_text).
+    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
+        self.text = false;
+        self.utf8.reset();
+        &mut self.bytes
+    }
+
+    /// Validates the whole contents once.
+    ///
+    /// # Errors
+    /// If they are not valid UTF-8.
+    pub fn check_text(&mut self) -> Result<(), Utf8Error> {
+        validate(&self.bytes)?;
+        self.utf8.reset();
+        self.text = true;
+        Ok(())
+    }
+
+    /// Whether the contents are text that ends on a code point boundary.
+    #[inline]
+    pub fn is_complete_text(&self) -> bool {
+        self.text && self.utf8.is_complete()
+    }
+
+    /// The contents as text, if [`is_complete_text`](Self::is_complete_text).
+    #[inline]
+    #[allow(unsafe_code)]
+    pub fn as_str(&self) -> Option<&str> {
+        if !self.is_complete_text() {
+            return None;
+        }
+        // SAFETY: `text` is true only if every byte since the last `clear` was appended by
+        // `push_text`, which fed it to `self.utf8` in order and appended only what it
+        // accepted, or was checked whole by `check_text`; `utf8.is_complete()` says no code
+        // point is left unfinished. So the bytes are valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(&self.bytes) })
+    }
+
+    /// The contents.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The allocated capacity.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// Reserves room for `additional` more bytes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.bytes.reserve(additional);
+    }
+
+    /// Empties it (keeping its capacity), ready for the next message.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.utf8.reset();
+        self.text = true;
+    }
+
+    /// Empties it and frees its memory if it holds more than `keep` bytes; returns the bytes
+    /// freed.
+    pub fn shrink(&mut self, keep: usize) -> usize {
+        self.clear();
+        let capacity = self.bytes.capacity();
+        if capacity > keep {
+            self.bytes = Vec::new();
+            return capacity;
+        }
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -412,5 +539,35 @@ mod tests {
         fn matches_std_on_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             check_splits(&bytes);
         }
+    }
+
+    #[test]
+    fn utf8_buf_hands_out_text_only_when_every_byte_was_validated() {
+        let mut buf = Utf8Buf::default();
+        buf.push_text("héllo ".as_bytes()).unwrap();
+        let euro = "€".as_bytes();
+        buf.push_text(&euro[..1]).unwrap();
+        assert_eq!(buf.as_str(), None, "ends inside a code point");
+        buf.push_text(&euro[1..]).unwrap();
+        assert_eq!(buf.as_str(), Some("héllo €"));
+        assert!(buf.push_text(&[0xC0]).is_err());
+        assert_eq!(buf.as_str(), None, "a failed push poisons it until clear");
+        buf.clear();
+        buf.push_bytes(b"abc");
+        assert_eq!(buf.as_str(), None, "unvalidated bytes are not text");
+        buf.vec_mut().extend_from_slice(b"def");
+        assert_eq!(buf.as_str(), None);
+        buf.check_text().unwrap();
+        assert_eq!(buf.as_str(), Some("abcdef"));
+        buf.vec_mut().push(0xFF);
+        assert!(buf.check_text().is_err());
+        assert_eq!(buf.as_str(), None);
+        let capacity = buf.capacity();
+        assert_eq!(buf.shrink(0), capacity);
+        assert_eq!(
+            (buf.capacity(), buf.as_str()),
+            (0, Some("")),
+            "empty is text again"
+        );
     }
 }
