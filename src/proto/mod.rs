@@ -8,8 +8,10 @@
 //! * [`deflate`]: permessage-deflate negotiation and the per-message codec.
 //! * [`conn`]: the connection state machine that ties them together.
 //!
-//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live, and in
-//! [`utf8::validate`]'s ASCII fast path (one line, checked by `is_ascii` just before it).
+//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live, and in two
+//! `from_utf8_unchecked` lines of [`utf8`]: [`utf8::validate`]'s ASCII fast path (checked by
+//! `is_ascii` just before it) and [`utf8::Utf8Buf::as_str`] (text validated as it was
+//! appended).
 #![deny(unsafe_code)]
 
 pub mod conn;
