@@ -7,8 +7,8 @@
 //!
 //! `--addr` (or `RINGSOCK_ADDR`) defaults to `127.0.0.1:9001`; `--shards` (or
 //! `RINGSOCK_SHARDS`) defaults to one per CPU. permessage-deflate is enabled. Messages up to
-//! 64 MiB are accepted, in frames of up to 64 MiB. `--no-registered-buffers` and
-//! `--no-buffer-ring` switch to the fallback paths (heap sends, single-shot receives).
+//! 64 MiB are accepted, in frames of up to 64 MiB. `--no-buffer-ring` switches to the
+//! fallback path (single-shot receives into per-connection buffers).
 
 use ringsock::proto::handshake::{HttpError, Request};
 use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
@@ -50,14 +50,12 @@ fn main() {
         }
         None => 0,
     };
-    // For measuring and for exercising the fallbacks: plain heap sends, single-shot receives.
-    let flag = |name: &str| std::env::args().any(|a| a == name);
-    let (plain_sends, plain_recv) = (flag("--no-registered-buffers"), flag("--no-buffer-ring"));
+    // For measuring and for exercising the fallback: single-shot receives.
+    let plain_recv = std::env::args().any(|a| a == "--no-buffer-ring");
     let server = Builder::new()
         .addr(addr.as_str())
         .shards(shards)
         .configure(|c| {
-            c.buffers.use_registered_buffers = !plain_sends;
             c.buffers.use_buffer_ring = !plain_recv;
         })
         .max_message_size(64 << 20)

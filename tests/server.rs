@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{builder, masked_frame, start, wait_for, wait_idle, RawClient};
 use futures_util::{SinkExt, StreamExt};
-use ringsock::server::{Message, ServerHandle};
+use ringsock::server::{Message, SendStatus, ServerHandle};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message as TMessage;
@@ -69,18 +69,17 @@ async fn echoes_every_size_with_its_type() {
     echo_sizes(&handle).await;
     wait_idle(&handle);
     assert_eq!(probe.opens.load(Ordering::SeqCst), 1);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn echoes_with_plain_buffers_and_single_shot_receives() {
+async fn echoes_with_single_shot_receives() {
     let (handle, _) = start(builder().configure(|c| {
-        c.buffers.use_registered_buffers = false;
         c.buffers.use_buffer_ring = false;
     }));
     echo_sizes(&handle).await;
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +88,10 @@ async fn echoes_with_a_tiny_buffer_ring_that_drains() {
     let (handle, _) = start(builder().configure(|c| {
         c.buffers.recv_buffers = 4;
         c.buffers.recv_buffer_size = 1024;
-        c.buffers.send_slabs = 4;
-        c.buffers.send_slab_size = 4096;
     }));
     echo_sizes(&handle).await;
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +113,7 @@ async fn client_close_is_echoed_with_its_code_and_connection_freed() {
     assert_eq!(echoed, Some(4001));
     wait_idle(&handle);
     assert_eq!(probe.close_codes(), vec![Some(4001)]);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -147,7 +144,7 @@ fn reassembles_fragments_with_a_ping_in_between() {
     assert_eq!(c.read_close(), Some(1000));
     assert!(c.sees_eof());
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -161,7 +158,7 @@ fn frames_split_across_reads_byte_by_byte_are_handled() {
     }
     let msg = c.read_frame();
     assert_eq!(msg.payload, "split ✓".as_bytes());
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -171,7 +168,7 @@ fn ping_is_answered_with_a_pong_carrying_its_payload() {
     c.send_frame(true, 9, b"abc");
     let pong = c.read_frame();
     assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"abc"[..]));
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -187,7 +184,7 @@ fn server_initiated_close_completes_and_drops_tcp() {
     );
     wait_idle(&handle);
     assert_eq!(probe.close_codes(), vec![Some(4000)]);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -200,7 +197,7 @@ fn protocol_error_closes_with_1002() {
     assert!(c.sees_eof());
     wait_idle(&handle);
     assert_eq!(probe.close_codes(), vec![Some(1002)]);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -209,7 +206,7 @@ fn unmasked_client_frame_closes_with_1002() {
     let mut c = RawClient::connect(handle.local_addr());
     c.send(&[0x81, 0x02, b'h', b'i']);
     assert_eq!(c.read_close(), Some(1002));
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -226,7 +223,7 @@ fn oversize_message_closes_with_1009() {
         Some(1009),
         "reassembled message over the limit"
     );
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -235,7 +232,7 @@ fn invalid_utf8_closes_with_1007() {
     let mut c = RawClient::connect(handle.local_addr());
     c.send_frame(true, 1, &[b'o', b'k', 0xff]);
     assert_eq!(c.read_close(), Some(1007));
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -246,7 +243,7 @@ fn peer_that_vanishes_is_reported_as_1006_and_freed() {
     drop(c);
     wait_idle(&handle);
     assert_eq!(probe.close_codes(), vec![Some(1006)]);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -269,7 +266,7 @@ fn plain_http_gets_the_handler_page_or_426() {
     assert!(c.read_head().starts_with("HTTP/1.1 400"));
     wait_idle(&handle);
     assert_eq!(probe.opens.load(Ordering::SeqCst), 0);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -282,7 +279,7 @@ fn subprotocol_chosen_by_the_handler_is_answered() {
             .contains("sec-websocket-protocol: chat\r\n"),
         "{head}"
     );
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -292,7 +289,7 @@ fn over_the_connection_limit_gets_503() {
     let mut second = RawClient::connect_tcp(handle.local_addr());
     assert!(second.read_head().starts_with("HTTP/1.1 503"));
     assert!(second.sees_eof());
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -302,7 +299,7 @@ fn silent_connection_is_dropped_after_the_handshake_timeout() {
     c.send(b"GET / HTTP/1.1\r\n");
     assert!(c.sees_eof());
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -312,7 +309,7 @@ fn idle_connection_is_pinged_then_closed() {
     let ping = c.read_frame();
     assert_eq!(ping.opcode, 9, "auto ping after half the idle time");
     assert_eq!(c.read_close(), Some(1001));
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -353,7 +350,7 @@ fn client_that_stops_reading_is_bounded_and_drains() {
         probe.drains.load(Ordering::SeqCst) > drains_before,
         "on_drain fired"
     );
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -371,7 +368,7 @@ fn sends_over_the_hard_limit_are_dropped() {
     assert!(probe.max_buffered.load(Ordering::SeqCst) <= 128 * 1024 + 16 * 1024 + 16);
     drop(c);
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -381,8 +378,8 @@ fn remote_sends_from_another_thread() {
     wait_for(5, "open", || probe.opens.load(Ordering::SeqCst) == 1);
     let remote = probe.remotes.lock().unwrap()[0].clone();
     std::thread::spawn(move || {
-        assert!(remote.send_text("from afar"));
-        assert!(remote.send_binary(&[1, 2, 3]));
+        assert_eq!(remote.send_text("from afar"), SendStatus::Queued);
+        assert_eq!(remote.send_binary(&[1, 2, 3]), SendStatus::Queued);
     })
     .join()
     .unwrap();
@@ -391,9 +388,10 @@ fn remote_sends_from_another_thread() {
     let remote = probe.remotes.lock().unwrap()[0].clone();
     remote.close(ringsock::proto::CloseCode(4002), "remote close");
     assert_eq!(c.read_close(), Some(4002));
-    handle.shutdown();
-    assert!(
-        !remote.send_text("after shutdown"),
+    handle.shutdown().expect("clean shutdown");
+    assert_eq!(
+        remote.send_text("after shutdown"),
+        SendStatus::Closed,
         "a stopped server refuses"
     );
 }
@@ -432,7 +430,7 @@ fn publish_reaches_subscribers_on_every_shard() {
     handle.publish("nobody-listens", Message::Text("lost"));
     drop(clients);
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -457,7 +455,7 @@ fn graceful_shutdown_delivers_queued_messages_then_1001() {
         assert_eq!(close.close_code(), Some(1001));
         c.send_frame(true, 8, &1001u16.to_be_bytes());
     }
-    handle.wait();
+    handle.wait().expect("clean exit");
     assert!(handle.is_stopped());
     for c in &mut clients {
         assert!(c.sees_eof());
@@ -470,7 +468,7 @@ fn shutdown_with_unresponsive_clients_is_bounded_by_the_close_timeout() {
     let _c = RawClient::connect(handle.local_addr());
     wait_for(5, "open", || probe.opens.load(Ordering::SeqCst) == 1);
     let started = std::time::Instant::now();
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(probe.close_codes(), vec![Some(1006)]);
 }
@@ -523,7 +521,7 @@ fn replies_from_on_message_are_compressed_when_deflate_was_negotiated() {
         (plain.rsv1, plain.payload.as_slice()),
         (false, text.as_bytes())
     );
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
@@ -537,7 +535,7 @@ fn a_second_server_on_the_same_address_fails_to_start() {
         .start()
         .expect_err("the address is taken");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,7 +557,7 @@ async fn idle_peer_that_answers_pings_stays_open() {
         next_data(&mut ws).await,
         TMessage::Text("still here".into())
     );
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 /// A client that pipelines many messages, then its close, then half-closes (FIN) before it
@@ -591,7 +589,7 @@ fn messages_stashed_over_the_mark_survive_the_peers_fin() {
     assert!(client.sees_eof());
     sender.join().unwrap();
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }
 
 /// Counts a streamed message's pieces and bytes and answers `len:N pieces:K` at its end.
@@ -664,5 +662,5 @@ fn streams_large_messages_to_on_fragment_in_pieces() {
     client.send_frame(true, 8, &1000u16.to_be_bytes());
     assert_eq!(client.read_close(), Some(1000));
     wait_idle(&handle);
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
 }

@@ -70,6 +70,8 @@ pub enum HttpError {
     UpgradeRequired,
     /// 431: the request or its header count exceeds [`Limits`].
     HeadersTooLarge,
+    /// 500: the application failed while deciding (its handler panicked).
+    InternalServerError,
     /// 503: the server is at its connection limit or shutting down.
     ServiceUnavailable,
 }
@@ -84,6 +86,7 @@ impl HttpError {
             HttpError::MethodNotAllowed => 405,
             HttpError::UpgradeRequired => 426,
             HttpError::HeadersTooLarge => 431,
+            HttpError::InternalServerError => 500,
             HttpError::ServiceUnavailable => 503,
         }
     }
@@ -97,6 +100,7 @@ impl HttpError {
             HttpError::MethodNotAllowed => "Method Not Allowed",
             HttpError::UpgradeRequired => "Upgrade Required",
             HttpError::HeadersTooLarge => "Request Header Fields Too Large",
+            HttpError::InternalServerError => "Internal Server Error",
             HttpError::ServiceUnavailable => "Service Unavailable",
         }
     }
@@ -1057,6 +1061,7 @@ mod tests {
             HttpError::MethodNotAllowed,
             HttpError::UpgradeRequired,
             HttpError::HeadersTooLarge,
+            HttpError::InternalServerError,
             HttpError::ServiceUnavailable,
         ];
         for error in errors {

@@ -1,25 +1,54 @@
 //! The io_uring runtime: one shard per core, each a thread with its own ring, its own
-//! `SO_REUSEPORT` listener, its own provided-buffer ring and registered send pool, driving
-//! per-connection state machines from completions (no futures on the hot path).
+//! `SO_REUSEPORT` listener and its own provided-buffer ring, driving per-connection state
+//! machines from completions (no futures on the hot path). It depends on [`crate::proto`]
+//! only; the application reaches it through the [`app::App`] trait, which `server`
+//! implements.
 //!
-//! * [`ring`]: every `unsafe` line that touches the ring or memory the kernel may touch.
-//! * [`sys`]: cold-path system calls (listeners, eventfds, pinning, signals).
-//! * [`shard`]: the completion loop and the connection slab.
+//! | file | what it holds |
+//! | --- | --- |
+//! | [`fleet`] | a server's shards as a whole: start, stop, wait, failure policy, signals |
+//! | [`shard`] | one shard: the event loop, completion dispatch, commands, shutdown, exit |
+//! | [`input`] | the receive path: request bytes, frames to the application, the stash |
+//! | [`output`] | settling touched connections: sends, half-close, backpressure, arming reads |
+//! | [`sweep`] | the timer sweep: deadlines, idle ping and close, buffer shrinking |
+//! | [`conn`] | one connection's state: its phase and close state machine |
+//! | [`app`] | the seam to the application: `App`, `Session`, `SendStatus`, handles |
+//! | [`pubsub`] | topics and local fan-out |
+//! | [`command`] | the mailbox other threads post commands to |
+//! | [`slab`] | the connection slab with 64-bit generations |
+//! | [`token`] | the `user_data` layout |
+//! | [`setup`] | kernel checks, buffer-ring fallback, the locked-memory gate |
+//! | [`ring`] | the io_uring seam: every pointer handed to the kernel, and its owner types |
+//! | [`fault`] | `catch_unwind` around callbacks and the panic-message hook |
+//! | [`signal`] | per-server SIGINT/SIGTERM registration |
+//! | [`sys`] | cold-path system calls |
+//! | [`config`] | limits, timeouts, buffer sizing, failure policy |
 //!
-//! Shards share nothing mutable on the hot path. Cross-thread requests ([`Command`]) arrive
-//! through a per-shard queue plus an eventfd the shard keeps a read armed on.
+//! Shards share nothing mutable on the hot path. Cross-thread requests arrive through a
+//! per-shard bounded queue plus an eventfd the shard keeps a read armed on.
 
+pub(crate) mod app;
+pub(crate) mod command;
+pub(crate) mod config;
+pub(crate) mod conn;
+pub(crate) mod fault;
+pub(crate) mod fleet;
+mod input;
+mod output;
+pub(crate) mod pubsub;
 pub(crate) mod ring;
+pub(crate) mod setup;
 pub(crate) mod shard;
+pub(crate) mod signal;
+pub(crate) mod slab;
+mod sweep;
 pub(crate) mod sys;
+pub(crate) mod token;
 
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use bytes::Bytes;
-
-use crate::proto::{CloseCode, OpCode};
+pub use self::app::SendStatus;
+pub use self::config::{Buffers, Limits, ShardFailure, TestHooks, Timeouts};
 
 /// Whether `RINGSOCK_LOG=debug` asked for debug lines.
 pub(crate) fn debug_enabled() -> bool {
@@ -42,135 +71,3 @@ macro_rules! debug_log {
 }
 
 pub(crate) use {debug_log, warn_log};
-
-/// A request to a shard from another thread.
-pub(crate) enum Command {
-    /// Send a data message to one connection.
-    Send {
-        slot: u32,
-        gen: u32,
-        opcode: OpCode,
-        payload: Bytes,
-    },
-    /// Start the closing handshake on one connection.
-    Close {
-        slot: u32,
-        gen: u32,
-        code: CloseCode,
-        reason: String,
-    },
-    /// Deliver an encoded frame to every local subscriber of a topic.
-    Publish { topic: Arc<str>, frame: Bytes },
-    /// Deliver an encoded frame to every open connection.
-    Broadcast { frame: Bytes },
-    /// Graceful shutdown.
-    Shutdown,
-}
-
-/// Holds each shard's optional locked memory (buffer ring, registered send pool) back until
-/// every shard has created its ring: RLIMIT_MEMLOCK is one budget for all of them, and the
-/// optional registrations (which fall back) must not take the room a later shard's ring
-/// needs (which does not).
-pub(crate) struct RingGate {
-    pending: Mutex<usize>,
-    all_in: Condvar,
-}
-
-impl RingGate {
-    /// A gate for `shards` shards.
-    pub fn new(shards: usize) -> RingGate {
-        RingGate {
-            pending: Mutex::new(shards),
-            all_in: Condvar::new(),
-        }
-    }
-
-    /// One shard has its ring (or never will, `wait` false); with `wait`, blocks until every
-    /// shard got that far.
-    pub fn arrive(&self, wait: bool) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        *pending = pending.saturating_sub(1);
-        if *pending == 0 {
-            self.all_in.notify_all();
-        }
-        while wait && *pending > 0 {
-            pending = self.all_in.wait(pending).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// The part of a shard other threads may reach: its command queue, its wake-up eventfd and
-/// its counters.
-pub(crate) struct ShardShared {
-    /// The shard's index.
-    pub id: usize,
-    queue: Mutex<Vec<Command>>,
-    eventfd: RawFd,
-    connections: AtomicUsize,
-    stopped: AtomicBool,
-}
-
-impl ShardShared {
-    /// A queue with a fresh eventfd.
-    pub fn new(id: usize) -> std::io::Result<ShardShared> {
-        Ok(ShardShared {
-            id,
-            queue: Mutex::new(Vec::new()),
-            eventfd: sys::eventfd()?,
-            connections: AtomicUsize::new(0),
-            stopped: AtomicBool::new(false),
-        })
-    }
-
-    /// Queues a command and wakes the shard. Returns `false` once the shard has stopped.
-    pub fn post(&self, command: Command) -> bool {
-        if self.stopped.load(Ordering::Acquire) {
-            return false;
-        }
-        match self.queue.lock() {
-            Ok(mut queue) => queue.push(command),
-            Err(poisoned) => poisoned.into_inner().push(command),
-        }
-        sys::wake(self.eventfd);
-        true
-    }
-
-    /// Takes every queued command.
-    pub fn drain(&self, into: &mut Vec<Command>) {
-        let mut queue = match self.queue.lock() {
-            Ok(queue) => queue,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        std::mem::swap(&mut *queue, into);
-    }
-
-    /// The eventfd the shard reads.
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd
-    }
-
-    /// Live connections on this shard.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_connections(&self, n: usize) {
-        self.connections.store(n, Ordering::Relaxed);
-    }
-
-    /// Marks the shard stopped: later posts fail.
-    pub(crate) fn set_stopped(&self) {
-        self.stopped.store(true, Ordering::Release);
-    }
-
-    /// Whether the shard has stopped.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for ShardShared {
-    fn drop(&mut self) {
-        sys::close(self.eventfd);
-    }
-}

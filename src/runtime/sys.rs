@@ -1,13 +1,12 @@
 //! Plain system calls the shards make outside the ring, all cold-path: creating listeners and
-//! eventfds, socket options, `shutdown`/`close`, CPU pinning and the shutdown-signal hook.
+//! eventfds, socket options, `shutdown`/`close`, `poll` and CPU pinning.
 //!
 //! Every `unsafe` here is a libc call on integers or on memory owned by the calling frame.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -86,7 +85,7 @@ fn from_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 ///
 /// # Errors
 /// socket/bind/listen failures.
-pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<RawFd> {
+pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -94,20 +93,16 @@ pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<RawFd> {
     };
     // SAFETY: plain syscall on integers.
     let fd = check(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    let result = (|| {
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
-        let (storage, len) = to_sockaddr(addr);
-        // SAFETY: `storage` is a valid sockaddr of `len` bytes living on this frame.
-        check(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
-        // SAFETY: plain syscall.
-        check(unsafe { libc::listen(fd, backlog) })?;
-        Ok(fd)
-    })();
-    if result.is_err() {
-        close(fd);
-    }
-    result
+    // SAFETY: socket(2) just returned this descriptor; nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    let (storage, len) = to_sockaddr(addr);
+    // SAFETY: `storage` is a valid sockaddr of `len` bytes living on this frame.
+    check(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+    // SAFETY: plain syscall.
+    check(unsafe { libc::listen(fd, backlog) })?;
+    Ok(socket)
 }
 
 /// Fails with `AddrInUse` if something already listens on `addr`. A listener of another
@@ -219,6 +214,42 @@ pub(crate) fn wake(fd: RawFd) {
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
+/// Resets a (non-blocking) eventfd's counter.
+pub(crate) fn drain_eventfd(fd: RawFd) {
+    let mut word = 0u64;
+    // SAFETY: reads 8 bytes into a local; EAGAIN (already zero) is fine.
+    unsafe { libc::read(fd, (&mut word as *mut u64).cast(), 8) };
+}
+
+/// Waits until one of `fds` is readable and returns its index (EINTR retried).
+///
+/// # Errors
+/// poll failures.
+pub(crate) fn wait_readable(fds: &[RawFd]) -> io::Result<usize> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `polls` is a live array of `polls.len()` pollfd structs.
+        let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if let Some(i) = polls.iter().position(|p| p.revents != 0) {
+            return Ok(i);
+        }
+    }
+}
+
 /// Pins the calling thread to one CPU.
 ///
 /// # Errors
@@ -255,72 +286,28 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-const MAX_SIGNAL_FDS: usize = 256;
-static SIGNAL_FDS: [AtomicI32; MAX_SIGNAL_FDS] = [const { AtomicI32::new(-1) }; MAX_SIGNAL_FDS];
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-/// Whether SIGINT or SIGTERM arrived since [`on_shutdown_signal`] was installed.
-pub(crate) fn signalled() -> bool {
-    SIGNALLED.load(Ordering::Acquire)
-}
-
-extern "C" fn handle_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::Release);
-    for slot in &SIGNAL_FDS {
-        let fd = slot.load(Ordering::Acquire);
-        if fd >= 0 {
-            wake(fd);
-        }
-    }
-}
-
-/// Makes SIGINT and SIGTERM wake these eventfds (the shards then see [`signalled`]).
-///
-/// # Errors
-/// sigaction failures.
-pub(crate) fn on_shutdown_signal(fds: &[RawFd]) -> io::Result<()> {
-    for (slot, &fd) in SIGNAL_FDS.iter().zip(fds) {
-        slot.store(fd, Ordering::Release);
-    }
-    // SAFETY: installs an async-signal-safe handler (atomics and write(2) only); the
-    // sigaction struct lives on this frame.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = handle_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        check(libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut()))?;
-        check(libc::sigaction(
-            libc::SIGTERM,
-            &action,
-            std::ptr::null_mut(),
-        ))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
     fn a_port_someone_listens_on_is_reported_in_use() {
-        let fd = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let addr = local_addr(fd).unwrap();
+        let socket = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(socket.as_raw_fd()).unwrap();
         let err = ensure_free(&addr).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        close(fd);
+        drop(socket);
         assert!(ensure_free(&addr).is_ok());
     }
 
     #[test]
     fn listeners_share_a_port_with_reuseport() {
         let first = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let addr = local_addr(first).unwrap();
+        let addr = local_addr(first.as_raw_fd()).unwrap();
         assert_ne!(addr.port(), 0);
         let second = listen(&addr, 16).unwrap();
-        assert_eq!(local_addr(second).unwrap(), addr);
-        close(first);
-        close(second);
+        assert_eq!(local_addr(second.as_raw_fd()).unwrap(), addr);
     }
 }

@@ -1,7 +1,8 @@
 //! The application's side: the [`Handler`] callbacks and the small types they take and give.
 //!
 //! Callbacks run on a shard thread between completions. They must not block: a blocked
-//! callback stalls every connection of that shard.
+//! callback stalls every connection of that shard. A callback that panics costs only its own
+//! connection (see [`Handler`]).
 
 use crate::proto::handshake::{HttpError, Request};
 use crate::proto::CloseCode;
@@ -25,18 +26,6 @@ impl<'a> Message<'a> {
             Message::Binary(bytes) => bytes,
         }
     }
-}
-
-/// What became of a send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendStatus {
-    /// Queued; the connection's output is below the high-water mark.
-    Queued,
-    /// Queued, but the output is at or above the high-water mark: the shard stops reading
-    /// from this connection until it drains, and `on_drain` will fire.
-    Backpressure,
-    /// Not queued: the connection is closing, or its output is over the hard limit.
-    Dropped,
 }
 
 /// Choices made while accepting an upgrade.
@@ -108,9 +97,24 @@ impl HttpResponse {
 /// The application: callbacks for one server, shared by all shards, each connection with
 /// its own [`Handler::State`].
 ///
-/// Order per connection: `on_upgrade`, `on_open`, then any of `on_message`, `on_ping`,
-/// `on_pong`, `on_drain`, and `on_close` exactly once last (for every connection that was
-/// opened).
+/// Order per connection: `on_upgrade`, `on_open`, then any of `on_message`, `on_fragment`,
+/// `on_ping`, `on_pong`, `on_drain`, and `on_close` exactly once last (for every connection
+/// that was opened).
+///
+/// # What is delivered around a close
+/// Every message the peer sent before its close frame reaches `on_message`, also when our
+/// close went first ([`Ws::close`], the idle timeout, graceful shutdown): RFC 6455 lets the
+/// peer keep sending until it has seen our close, and what it sent is delivered, in order,
+/// before `on_close`. Sends from those callbacks report [`crate::server::SendStatus::Closed`]. Nothing after
+/// the peer's close frame is read.
+///
+/// # Panics
+/// Each callback runs under `catch_unwind`. A panic closes its connection with 1011
+/// (internal error) — or answers HTTP 500 from `on_upgrade` and `on_http` — is logged once
+/// with the peer's address and counted ([`crate::server::Stats::handler_panics`]); the shard
+/// goes on serving every other connection. After a panic the connection gets no more
+/// callbacks but `on_close` (unless `on_close` itself panicked). Per-connection state may be
+/// left half-updated by the panic; `on_close` should not rely on it being consistent.
 pub trait Handler: Send + Sync + 'static {
     /// Per-connection state, created by [`Handler::on_upgrade`].
     type State: Send + 'static;
@@ -163,14 +167,14 @@ pub trait Handler: Send + Sync + 'static {
         let _ = (ws, payload);
     }
 
-    /// The queued output fell below the high-water mark after [`SendStatus::Backpressure`].
+    /// The queued output fell below the high-water mark after [`crate::server::SendStatus::Backpressure`].
     fn on_drain(&self, ws: &mut Ws<'_, Self::State>) {
         let _ = ws;
     }
 
     /// The connection is closing or gone: `code` is the peer's close code (`None` for an
     /// empty close frame), the code of our close for a protocol error, or 1006 when TCP
-    /// ended without a close handshake. Sends are dropped from here on.
+    /// ended without a close handshake. Sends report [`crate::server::SendStatus::Closed`] from here on.
     fn on_close(&self, ws: &mut Ws<'_, Self::State>, code: Option<CloseCode>, reason: &str) {
         let _ = (ws, code, reason);
     }

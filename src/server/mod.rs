@@ -21,23 +21,26 @@
 //! Builder::new().addr("127.0.0.1:9001").build(Echo).run().unwrap();
 //! ```
 
+mod adapter;
 mod config;
 mod handler;
-pub(crate) mod ws;
+mod ws;
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::config::{Buffers, Config, Limits, Timeouts};
-pub use self::handler::{Handler, HttpResponse, Message, SendStatus, Upgrade};
+use self::adapter::HandlerApp;
+pub use self::config::{Buffers, Config, DeflateConfig, Limits, ShardFailure, Timeouts};
+pub use self::handler::{Handler, HttpResponse, Message, Upgrade};
 pub use self::ws::{Remote, Ws};
-pub use crate::proto::deflate::DeflateConfig;
-use crate::runtime::shard::Shard;
-use crate::runtime::{sys, Command, RingGate, ShardShared};
+use crate::runtime::command::Command;
+use crate::runtime::config::ShardConfig;
+use crate::runtime::fleet::Fleet;
+use crate::runtime::sys;
+pub use crate::runtime::SendStatus;
 
 /// Sets a server up. Every setting has a documented default (see [`Config`]).
 #[derive(Clone, Debug, Default)]
@@ -134,6 +137,12 @@ impl Builder {
         self
     }
 
+    /// What to do when a shard fails (see [`ShardFailure`]).
+    pub fn on_shard_failure(mut self, policy: ShardFailure) -> Builder {
+        self.config.on_shard_failure = policy;
+        self
+    }
+
     /// Any other setting.
     pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Builder {
         f(&mut self.config);
@@ -149,7 +158,7 @@ impl Builder {
     pub fn build<H: Handler>(self, handler: H) -> Server<H> {
         Server {
             builder: self,
-            handler: Arc::new(handler),
+            app: Arc::new(HandlerApp(handler)),
         }
     }
 }
@@ -157,7 +166,7 @@ impl Builder {
 /// A configured server, not yet started.
 pub struct Server<H: Handler> {
     builder: Builder,
-    handler: Arc<H>,
+    app: Arc<HandlerApp<H>>,
 }
 
 impl<H: Handler> Server<H> {
@@ -169,7 +178,7 @@ impl<H: Handler> Server<H> {
         if let Some(e) = self.builder.addr_error {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
         }
-        let config = Arc::new(self.builder.config);
+        let config = self.builder.config;
         let cpus = sys::allowed_cpus();
         let count = if config.shards == 0 {
             cpus.len().max(1)
@@ -177,140 +186,55 @@ impl<H: Handler> Server<H> {
             config.shards
         };
         let listeners = bind_all(&config, count)?;
-        let addr = match sys::local_addr(listeners[0]) {
-            Ok(addr) => addr,
-            Err(e) => {
-                listeners.iter().for_each(|&fd| sys::close(fd));
-                return Err(e);
-            }
+        let local_addr = sys::local_addr(listeners[0].as_raw_fd())?;
+        let pins = (0..count)
+            .map(|i| (config.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]))
+            .collect();
+        let shard_config = ShardConfig {
+            limits: config.limits,
+            timeouts: config.timeouts,
+            buffers: config.buffers,
+            deflate: config.deflate,
+            on_failure: config.on_shard_failure,
+            hooks: config.testing,
         };
-        let shards: Vec<Arc<ShardShared>> = match (0..count)
-            .map(|i| ShardShared::new(i).map(Arc::new))
-            .collect::<io::Result<Vec<_>>>()
-        {
-            Ok(shards) => shards,
-            Err(e) => {
-                listeners.iter().for_each(|&fd| sys::close(fd));
-                return Err(e);
-            }
-        };
-        let shards: Arc<[Arc<ShardShared>]> = shards.into();
-        let (tx, rx) = mpsc::channel();
-        let mut threads = Vec::with_capacity(count);
-        let mut spawn_error = None;
-        let gate = Arc::new(RingGate::new(count));
-        for (index, fd) in listeners.into_iter().enumerate() {
-            if spawn_error.is_some() {
-                sys::close(fd);
-                gate.arrive(false);
-                continue;
-            }
-            let (handler, config, shards, tx, ring_gate) = (
-                Arc::clone(&self.handler),
-                Arc::clone(&config),
-                Arc::clone(&shards),
-                tx.clone(),
-                Arc::clone(&gate),
-            );
-            let cpu = (config.pin_threads && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let spawned = thread::Builder::new()
-                .name(format!("ringsock-{index}"))
-                .spawn(move || {
-                    if let Some(cpu) = cpu {
-                        let _ = sys::pin_to_cpu(cpu);
-                    }
-                    match Shard::new(handler, config, Arc::clone(&shards), index, fd, &ring_gate) {
-                        Ok(shard) => {
-                            let _ = tx.send(Ok(()));
-                            shard.run();
-                        }
-                        Err(e) => {
-                            sys::close(fd);
-                            shards[index].set_stopped();
-                            let _ = tx.send(Err(e));
-                        }
-                    }
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => {
-                    sys::close(fd);
-                    gate.arrive(false);
-                    spawn_error = Some(e);
-                }
-            }
-        }
-        drop(tx);
-        let mut first_error = spawn_error;
-        // One report per started thread (a thread that died without one closes the channel).
-        for _ in 0..threads.len() {
-            match rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_error.get_or_insert(io::Error::other("a shard thread died at start"));
-                    break;
-                }
-            }
-        }
-        let handle = ServerHandle {
-            inner: Arc::new(Inner {
-                shards,
-                local_addr: addr,
-                threads: Mutex::new(threads),
-            }),
-        };
-        if let Some(e) = first_error {
-            handle.shutdown();
-            return Err(e);
-        }
-        Ok(handle)
+        let fleet = Fleet::start(self.app, shard_config, listeners, pins)?;
+        Ok(ServerHandle {
+            inner: Arc::new(Inner { fleet, local_addr }),
+        })
     }
 
     /// Starts and blocks until shutdown; SIGINT and SIGTERM shut down gracefully. Prints
     /// nothing; use [`Server::start`] and [`ServerHandle::local_addr`] to report the address.
     ///
     /// # Errors
-    /// As [`Server::start`].
+    /// As [`Server::start`]; and when a shard failed (see [`ShardFailure`]), so that a
+    /// `main` returning this error exits non-zero and a supervisor restarts it.
     pub fn run(self) -> io::Result<()> {
         let handle = self.start()?;
         handle.run_until_signal()
     }
 }
 
-fn bind_all(config: &Config, count: usize) -> io::Result<Vec<i32>> {
+fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
     if config.addr.port() != 0 {
         sys::ensure_free(&config.addr).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.addr))
         })?;
     }
     let first = sys::listen(&config.addr, config.backlog)?;
-    let addr = match sys::local_addr(first) {
-        Ok(addr) => addr,
-        Err(e) => {
-            sys::close(first);
-            return Err(e);
-        }
-    };
-    let mut fds = vec![first];
+    // Port 0: the others bind the port the first one got.
+    let addr = sys::local_addr(first.as_raw_fd())?;
+    let mut sockets = vec![first];
     for _ in 1..count {
-        match sys::listen(&addr, config.backlog) {
-            Ok(fd) => fds.push(fd),
-            Err(e) => {
-                fds.iter().for_each(|&fd| sys::close(fd));
-                return Err(e);
-            }
-        }
+        sockets.push(sys::listen(&addr, config.backlog)?);
     }
-    Ok(fds)
+    Ok(sockets)
 }
 
 struct Inner {
-    shards: Arc<[Arc<ShardShared>]>,
+    fleet: Fleet,
     local_addr: SocketAddr,
-    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A `Send + Clone` handle to a running server: address, stats, broadcast, shutdown.
@@ -325,6 +249,10 @@ pub struct ServerHandle {
 pub struct Stats {
     /// Live connections per shard (handshaking, open and closing).
     pub connections: Vec<usize>,
+    /// Handler callbacks that panicked (each closed its connection), over all shards.
+    pub handler_panics: u64,
+    /// Requests from other threads refused because a shard's queue was full.
+    pub commands_refused: u64,
 }
 
 impl Stats {
@@ -342,81 +270,88 @@ impl ServerHandle {
 
     /// The number of shards.
     pub fn shards(&self) -> usize {
-        self.inner.shards.len()
+        self.inner.fleet.mailboxes().len()
     }
 
-    /// Live connection counts.
+    /// Live connection counts and fault counters.
     pub fn stats(&self) -> Stats {
+        let mailboxes = self.inner.fleet.mailboxes();
         Stats {
-            connections: self.inner.shards.iter().map(|s| s.connections()).collect(),
+            connections: mailboxes.iter().map(|m| m.connections()).collect(),
+            handler_panics: mailboxes.iter().map(|m| m.handler_panics()).sum(),
+            commands_refused: mailboxes.iter().map(|m| m.refused()).sum(),
         }
     }
 
     /// Sends a message to every subscriber of `topic` on every shard (encoded once).
-    pub fn publish(&self, topic: &str, msg: Message<'_>) {
+    /// Shards whose command queue is full miss it: the result counts the shards that took it.
+    pub fn publish(&self, topic: &str, msg: Message<'_>) -> usize {
         let frame = ws::encode_shared(msg);
         let topic: Arc<str> = Arc::from(topic);
-        for shard in self.inner.shards.iter() {
-            shard.post(Command::Publish {
-                topic: Arc::clone(&topic),
-                frame: frame.clone(),
-            });
-        }
+        self.inner.fleet.post_all(|| Command::Publish {
+            topic: Arc::clone(&topic),
+            frame: frame.clone(),
+        })
     }
 
-    /// Sends a message to every open connection (encoded once).
-    pub fn broadcast(&self, msg: Message<'_>) {
+    /// Sends a message to every open connection (encoded once); the result counts the
+    /// shards that took it (see [`ServerHandle::publish`]).
+    pub fn broadcast(&self, msg: Message<'_>) -> usize {
         let frame = ws::encode_shared(msg);
-        for shard in self.inner.shards.iter() {
-            shard.post(Command::Broadcast {
-                frame: frame.clone(),
-            });
-        }
+        self.inner.fleet.post_all(|| Command::Broadcast {
+            frame: frame.clone(),
+        })
     }
 
     /// Asks every shard to shut down gracefully and returns at once: accepting stops, every
-    /// connection gets close 1001 after its queued output, and shards exit once their
-    /// connections closed or the close timeout passed.
+    /// connection gets close 1001 after its queued output, messages its peer sent before
+    /// answering are still delivered, and shards exit once their connections closed or the
+    /// close timeout passed.
     pub fn request_shutdown(&self) {
-        for shard in self.inner.shards.iter() {
-            shard.post(Command::Shutdown);
-        }
+        self.inner.fleet.request_shutdown();
     }
 
     /// Shuts down gracefully and waits for every shard to exit.
     ///
     /// Do not call this from a handler callback: the shard would wait for itself. Use
     /// [`ServerHandle::request_shutdown`] there.
-    pub fn shutdown(&self) {
+    ///
+    /// # Errors
+    /// As [`ServerHandle::wait`].
+    pub fn shutdown(&self) -> io::Result<()> {
         self.request_shutdown();
-        self.wait();
+        self.wait()
     }
 
     /// Waits for every shard to exit.
-    pub fn wait(&self) {
-        let mut threads = match self.inner.threads.lock() {
-            Ok(threads) => threads,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for thread in threads.drain(..) {
-            let _ = thread.join();
-        }
+    ///
+    /// # Errors
+    /// When a shard failed (a bug in ringsock, or a ring that broke), naming each.
+    pub fn wait(&self) -> io::Result<()> {
+        self.inner.fleet.wait()
     }
 
     /// Whether every shard has stopped.
     pub fn is_stopped(&self) -> bool {
-        self.inner.shards.iter().all(|s| s.is_stopped())
+        self.inner.fleet.is_stopped()
     }
 
-    /// Makes SIGINT and SIGTERM shut this server down gracefully, then waits for it.
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully and waits; also returns
+    /// when every shard stopped otherwise. The signal handling is this server's only while
+    /// it waits here: afterwards (or with no server waiting) the signals act as usual.
     ///
     /// # Errors
-    /// When the signal handlers cannot be installed.
+    /// When the signal handlers cannot be installed, or a shard failed.
     pub fn run_until_signal(&self) -> io::Result<()> {
-        let fds: Vec<i32> = self.inner.shards.iter().map(|s| s.eventfd()).collect();
-        sys::on_shutdown_signal(&fds)?;
-        self.wait();
-        Ok(())
+        self.inner.fleet.run_until_signal()
+    }
+
+    /// Test hook: makes shard `shard` panic in its own code, as a bug in ringsock would.
+    #[doc(hidden)]
+    pub fn inject_shard_fault(&self, shard: usize) {
+        if let Some(mailbox) = self.inner.fleet.mailboxes().get(shard) {
+            mailbox.post(Command::InjectFault);
+        }
     }
 }
 
@@ -424,7 +359,7 @@ impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.inner.local_addr)
-            .field("shards", &self.inner.shards.len())
+            .field("shards", &self.shards())
             .finish()
     }
 }

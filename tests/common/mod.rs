@@ -92,7 +92,7 @@ impl TestHandler {
         match status {
             SendStatus::Backpressure => self.probe.backpressure.fetch_add(1, Ordering::SeqCst),
             SendStatus::Dropped => self.probe.dropped.fetch_add(1, Ordering::SeqCst),
-            SendStatus::Queued => 0,
+            SendStatus::Queued | SendStatus::Closed | SendStatus::QueueFull => 0,
         };
     }
 

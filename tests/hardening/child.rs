@@ -252,7 +252,10 @@ impl ChildHandler {
         let counter = match status {
             SendStatus::Queued => &self.counters.queued,
             SendStatus::Backpressure => &self.counters.backpressure,
-            SendStatus::Dropped => &self.counters.dropped,
+            // Not queued, whatever the reason (over the cap, or closing).
+            SendStatus::Dropped | SendStatus::Closed | SendStatus::QueueFull => {
+                &self.counters.dropped
+            }
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -332,7 +335,7 @@ fn deny_rules(what: &str) -> Vec<SeccompRule> {
 /// Settings: `shards`, `hwm` (high-water mark), `max_buffered`, `max_frame`, `max_message`,
 /// `handshake_ms`, `close_ms`, `nofile` (descriptor limit), `memlock` (locked-memory limit,
 /// with `CAP_IPC_LOCK` dropped so it applies to root too), `deny` (`setup`,
-/// `register_buffers`, `pbuf_ring`, joined by `+`), `registered` (0 or 1).
+/// `register_buffers`, `pbuf_ring`, joined by `+`).
 pub fn child_main() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
@@ -355,10 +358,6 @@ pub fn child_main() {
             "max_message" => builder.max_message_size(number()),
             "handshake_ms" => builder.handshake_timeout(Duration::from_millis(number() as u64)),
             "close_ms" => builder.close_timeout(Duration::from_millis(number() as u64)),
-            "registered" => {
-                let on = number() != 0;
-                builder.configure(|c| c.buffers.use_registered_buffers = on)
-            }
             "nofile" => {
                 let limit = number() as libc::rlim_t;
                 let rl = libc::rlimit {
@@ -406,7 +405,7 @@ pub fn child_main() {
             );
         }
     }
-    handle.shutdown();
+    handle.shutdown().expect("clean shutdown");
     println!("STOPPED");
 }
 

@@ -1,0 +1,405 @@
+//! The seam between the shards and the application: the [`App`] trait a shard calls (the
+//! server layer implements it over the user's `Handler`), and the [`Session`] a call gets to
+//! act on its connection: send, close, subscribe, publish, hand out a [`ConnHandle`].
+//!
+//! Sends append to the connection's corked output ([`Link::out`]); the shard writes it once
+//! per batch of completions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::command::{Command, Mailbox, Posted};
+use super::pubsub::Topics;
+use super::slab::ConnId;
+use crate::proto::handshake::{HttpError, Request};
+use crate::proto::{encode_frame, CloseCode, Connection, OpCode};
+
+/// What a shard asks of the application. Each call runs under `catch_unwind`: a panic
+/// closes that connection (1011, or HTTP 500 before the upgrade) and nothing else.
+pub(crate) trait App: Send + Sync + 'static {
+    /// Per-connection state, made at the upgrade.
+    type State: Send + 'static;
+
+    /// Decides on a validated upgrade request.
+    fn upgrade(&self, req: &Request<'_>) -> Result<Accept<Self::State>, HttpError>;
+
+    /// Answers a request that is not an upgrade, writing a whole HTTP response into `out`.
+    fn http(&self, req: &Request<'_>, out: &mut Vec<u8>);
+
+    /// The connection is open (the 101 answer is queued).
+    fn open(&self, session: Session<'_, Self::State>);
+
+    /// Something arrived: a message, a piece of one, a ping or a pong.
+    fn deliver(&self, session: Session<'_, Self::State>, delivery: Delivery<'_>);
+
+    /// The output fell below the high-water mark after being above it.
+    fn drain(&self, session: Session<'_, Self::State>);
+
+    /// The connection is closing or gone (once, last).
+    fn close(&self, session: Session<'_, Self::State>, code: Option<CloseCode>, reason: &str);
+}
+
+/// An accepted upgrade.
+pub(crate) struct Accept<S> {
+    /// The connection's state.
+    pub state: S,
+    /// The subprotocol to answer with.
+    pub protocol: Option<String>,
+    /// Whether permessage-deflate may be negotiated.
+    pub compress: bool,
+}
+
+/// What [`App::deliver`] hands over; borrowed from the receive or reassembly buffer.
+pub(crate) enum Delivery<'a> {
+    /// A whole text message.
+    Text(&'a str),
+    /// A whole binary message.
+    Binary(&'a [u8]),
+    /// A piece of a streamed message.
+    Fragment {
+        /// Text (else binary).
+        text: bool,
+        /// The piece.
+        data: &'a [u8],
+        /// The message's first piece.
+        first: bool,
+        /// The message's last piece.
+        last: bool,
+    },
+    /// A ping (its pong is queued already).
+    Ping(&'a [u8]),
+    /// A pong.
+    Pong(&'a [u8]),
+}
+
+/// What became of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; the connection's output is below the high-water mark.
+    Queued,
+    /// Queued, but the output is at or above the high-water mark: the shard stops reading
+    /// from this connection until it drains, and `on_drain` will fire.
+    Backpressure,
+    /// Not queued: the connection's output is over the hard limit
+    /// ([`crate::server::Buffers::max_buffered`]).
+    Dropped,
+    /// Not queued: the connection is closing or gone (our close was sent or asked for, or
+    /// the peer's arrived), or the server has stopped.
+    Closed,
+    /// Not queued: the shard's queue of requests from other threads is full
+    /// ([`crate::server::Buffers::command_queue`]); only [`crate::server::Remote`] and
+    /// cross-thread calls report this.
+    QueueFull,
+}
+
+/// The per-connection part a [`Session`] works on.
+pub(crate) struct Link {
+    /// The connection's identity.
+    pub id: ConnId,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Corked output: frames queued since the last send was loaded.
+    pub out: Vec<u8>,
+    /// Bytes loaded into the send buffer and not yet written.
+    pub in_flight: usize,
+    /// permessage-deflate was negotiated.
+    pub compress: bool,
+    /// Messages shorter than this go out uncompressed.
+    pub min_compress: usize,
+    /// Data messages may be sent (open, and no close sent or asked for).
+    pub open: bool,
+    /// A close the application asked for, applied after the callback.
+    pub close_req: Option<(CloseCode, String)>,
+    /// Messages to compress that were queued while the engine was borrowed (payloads back
+    /// to back); see [`queue_message`].
+    pub deferred: Vec<u8>,
+    /// (opcode, length, compress) of each deferred message.
+    pub deferred_msgs: Vec<(OpCode, usize, bool)>,
+    /// Topics this connection subscribed to.
+    pub topics: Vec<Arc<str>>,
+    /// `close` was called on the application (it is called once).
+    pub notified: bool,
+    /// The connection is on the shard's list to settle after this batch.
+    pub touched: bool,
+    /// Set when the connection is freed; shared with every [`ConnHandle`] given out, so a
+    /// handle kept after the close answers [`SendStatus::Closed`] at once. Made on the first
+    /// [`Session::handle`] only.
+    pub gone: Option<Arc<AtomicBool>>,
+}
+
+impl Link {
+    /// A link for a freshly accepted connection.
+    pub fn new(id: ConnId, peer: SocketAddr) -> Link {
+        Link {
+            id,
+            peer,
+            out: Vec::new(),
+            in_flight: 0,
+            compress: false,
+            min_compress: usize::MAX,
+            open: false,
+            close_req: None,
+            deferred: Vec::new(),
+            deferred_msgs: Vec::new(),
+            topics: Vec::new(),
+            notified: false,
+            touched: false,
+            gone: None,
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.out.len() + self.in_flight + self.deferred.len()
+    }
+
+    /// Queued or backpressure, by the high-water mark.
+    pub fn status(&self, limits: &SendLimits) -> SendStatus {
+        if self.buffered() >= limits.high_water_mark {
+            SendStatus::Backpressure
+        } else {
+            SendStatus::Queued
+        }
+    }
+}
+
+/// Backpressure marks as the send path needs them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SendLimits {
+    /// Above this, `Backpressure` and reads stop.
+    pub high_water_mark: usize,
+    /// Above this, sends are dropped.
+    pub max_buffered: usize,
+}
+
+/// Shard-wide state a [`Session`] may reach.
+pub(crate) struct Ctx {
+    /// The shard's index.
+    pub shard: usize,
+    /// Every shard's mailbox (for publishes and handles).
+    pub mailboxes: Arc<[Arc<Mailbox>]>,
+    /// Backpressure marks.
+    pub limits: SendLimits,
+    /// Local subscriptions.
+    pub topics: Topics,
+    /// Publishes made during callbacks, fanned out locally after them.
+    pub publishes: Vec<(Arc<str>, Bytes)>,
+    /// Connections to settle after this batch.
+    pub touched: Vec<u32>,
+}
+
+impl Ctx {
+    /// Queues the connection for settling at the end of the batch.
+    pub fn touch(&mut self, link: &mut Link) {
+        if !link.touched {
+            link.touched = true;
+            self.touched.push(link.id.slot);
+        }
+    }
+
+    /// Publishes a ready frame: other shards get it by message, local subscribers after the
+    /// callback.
+    pub fn publish(&mut self, topic: &str, frame: Bytes) {
+        let key = self.topics.key(topic);
+        for mailbox in self.mailboxes.iter().filter(|m| m.id != self.shard) {
+            mailbox.post(Command::Publish {
+                topic: Arc::clone(&key),
+                frame: frame.clone(),
+            });
+        }
+        self.publishes.push((key, frame));
+    }
+}
+
+/// One connection, lent to an [`App`] call.
+pub(crate) struct Session<'a, S> {
+    /// The connection's link.
+    pub link: &'a mut Link,
+    /// The protocol engine, when the call does not borrow from it (deliveries do).
+    pub engine: Option<&'a mut Connection>,
+    /// The application's per-connection state.
+    pub state: &'a mut S,
+    /// The shard.
+    pub ctx: &'a mut Ctx,
+}
+
+impl<S> Session<'_, S> {
+    /// Queues a data message (see [`queue_message`]).
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
+        let engine = self.engine.as_deref_mut();
+        let limits = self.ctx.limits;
+        let status = queue_message(self.link, engine, opcode, payload, compress, &limits);
+        if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
+            self.ctx.touch(self.link);
+        }
+        status
+    }
+
+    /// Queues a ping (at most 125 bytes).
+    pub fn ping(&mut self, payload: &[u8]) -> SendStatus {
+        if !self.link.open {
+            return SendStatus::Closed;
+        }
+        if payload.len() > 125 {
+            return SendStatus::Dropped;
+        }
+        encode_frame(&mut self.link.out, true, false, OpCode::Ping, payload);
+        self.ctx.touch(self.link);
+        self.link.status(&self.ctx.limits)
+    }
+
+    /// Asks for the closing handshake, applied after the call. Codes that may not be sent
+    /// become 1000; the reason is cut to 123 bytes.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        if !self.link.open {
+            return;
+        }
+        let code = if code.is_valid_on_wire() {
+            code
+        } else {
+            CloseCode::NORMAL
+        };
+        self.link.close_req = Some((code, truncate_reason(reason).to_owned()));
+        self.link.open = false;
+        self.ctx.touch(self.link);
+    }
+
+    /// Subscribes to a topic; `false` if already subscribed.
+    pub fn subscribe(&mut self, topic: &str) -> bool {
+        self.ctx.topics.subscribe(self.link, topic)
+    }
+
+    /// Unsubscribes from a topic; `false` if not subscribed.
+    pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        self.ctx.topics.unsubscribe(self.link, topic)
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&mut self) -> ConnHandle {
+        let gone = self
+            .link
+            .gone
+            .get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
+        ConnHandle {
+            mailbox: Arc::clone(&self.ctx.mailboxes[self.ctx.shard]),
+            id: self.link.id,
+            gone: Arc::clone(gone),
+        }
+    }
+}
+
+/// A `Send + Clone` way to one connection from any thread: requests travel to its shard as
+/// commands, checked there against the connection's full 64-bit identity.
+#[derive(Clone)]
+pub(crate) struct ConnHandle {
+    mailbox: Arc<Mailbox>,
+    id: ConnId,
+    gone: Arc<AtomicBool>,
+}
+
+impl ConnHandle {
+    /// Posts a command for this connection: `Closed` if it is known to be gone (or the
+    /// shard stopped), `QueueFull` if the shard's queue is full, else `Queued` (the shard may
+    /// still find it closed by then, and drop the request).
+    pub fn post(&self, make: impl FnOnce(ConnId) -> Command) -> SendStatus {
+        if self.gone.load(Ordering::Acquire) {
+            return SendStatus::Closed;
+        }
+        match self.mailbox.post(make(self.id)) {
+            Posted::Queued => SendStatus::Queued,
+            Posted::Full => SendStatus::QueueFull,
+            Posted::Stopped => SendStatus::Closed,
+        }
+    }
+
+    /// The owning shard's index.
+    pub fn shard(&self) -> usize {
+        self.mailbox.id
+    }
+
+    /// The connection's slot on its shard (for debugging output).
+    pub fn slot(&self) -> u32 {
+        self.id.slot
+    }
+}
+
+/// Queues one data message on a connection, compressed if `allow_compress`, compression was
+/// negotiated and the message is large enough. Compressed messages need the engine; when it
+/// is borrowed (during a delivery) they are copied aside and encoded after the call.
+pub(crate) fn queue_message(
+    link: &mut Link,
+    engine: Option<&mut Connection>,
+    opcode: OpCode,
+    payload: &[u8],
+    allow_compress: bool,
+    limits: &SendLimits,
+) -> SendStatus {
+    if !link.open {
+        return SendStatus::Closed;
+    }
+    if link.buffered() > limits.max_buffered {
+        return SendStatus::Dropped;
+    }
+    let compress = allow_compress && link.compress && payload.len() >= link.min_compress;
+    match engine {
+        Some(engine) if compress => {
+            if engine.send(&mut link.out, opcode, payload, true).is_err() {
+                return SendStatus::Closed;
+            }
+        }
+        // Keep order behind messages already deferred in this call.
+        None if compress || !link.deferred_msgs.is_empty() => {
+            link.deferred.extend_from_slice(payload);
+            link.deferred_msgs.push((opcode, payload.len(), compress));
+        }
+        _ => encode_frame(&mut link.out, true, false, opcode, payload),
+    }
+    link.status(limits)
+}
+
+/// The longest prefix of `reason` that fits a close frame (125 - 2 code bytes), cut at a
+/// character boundary (RFC 6455 §5.5: control payloads are at most 125 bytes).
+pub(crate) fn truncate_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_cut_to_123_bytes_at_a_char_boundary() {
+        let long = "é".repeat(100);
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123);
+        assert_eq!(cut.len() % 2, 0);
+        assert_eq!(truncate_reason("bye"), "bye");
+    }
+
+    #[test]
+    fn sends_on_a_closing_connection_report_closed_and_over_the_cap_dropped() {
+        let id = ConnId { slot: 0, gen: 0 };
+        let mut link = Link::new(id, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let limits = SendLimits {
+            high_water_mark: 8,
+            max_buffered: 16,
+        };
+        let send =
+            |link: &mut Link| queue_message(link, None, OpCode::Text, b"hello", true, &limits);
+        assert_eq!(send(&mut link), SendStatus::Closed, "not open yet");
+        link.open = true;
+        assert_eq!(send(&mut link), SendStatus::Queued);
+        assert_eq!(send(&mut link), SendStatus::Backpressure);
+        link.out.extend_from_slice(&[0; 16]);
+        assert_eq!(send(&mut link), SendStatus::Dropped);
+        link.open = false;
+        assert_eq!(send(&mut link), SendStatus::Closed);
+    }
+}

@@ -1,0 +1,221 @@
+//! How other threads reach a shard: a [`Mailbox`] per shard, holding a bounded queue of
+//! [`Command`]s and the eventfd that wakes the shard, plus the few counters other threads
+//! read. The shard drains the whole queue on each wake-up.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use super::slab::ConnId;
+use super::sys;
+use crate::proto::{CloseCode, OpCode};
+
+/// A request to a shard from another thread.
+pub(crate) enum Command {
+    /// Send a data message to one connection.
+    Send {
+        /// The connection; a stale identity finds nothing.
+        id: ConnId,
+        /// Text or binary.
+        opcode: OpCode,
+        /// The payload.
+        payload: Bytes,
+    },
+    /// Start the closing handshake on one connection.
+    Close {
+        /// The connection; a stale identity finds nothing.
+        id: ConnId,
+        /// The close code to send.
+        code: CloseCode,
+        /// The close reason, at most 123 bytes.
+        reason: String,
+    },
+    /// Deliver an encoded frame to every local subscriber of a topic.
+    Publish {
+        /// The topic.
+        topic: Arc<str>,
+        /// The frame, encoded once for every shard.
+        frame: Bytes,
+    },
+    /// Deliver an encoded frame to every open connection.
+    Broadcast {
+        /// The frame, encoded once for every shard.
+        frame: Bytes,
+    },
+    /// Graceful shutdown.
+    Shutdown,
+    /// Test hook: a panic in the shard's own code, as a ringsock bug would cause.
+    InjectFault,
+}
+
+impl Command {
+    /// Whether the queue bound applies: data does; shutdown and test hooks always get in.
+    fn bounded(&self) -> bool {
+        !matches!(self, Command::Shutdown | Command::InjectFault)
+    }
+}
+
+/// What became of a posted command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Posted {
+    /// Queued; the shard will take it.
+    Queued,
+    /// The queue is at its bound; the command was dropped.
+    Full,
+    /// The shard has stopped; the command was dropped.
+    Stopped,
+}
+
+/// The part of a shard other threads may reach.
+pub(crate) struct Mailbox {
+    /// The shard's index.
+    pub id: usize,
+    queue: Mutex<Vec<Command>>,
+    /// The most bounded commands the queue holds.
+    capacity: usize,
+    eventfd: RawFd,
+    /// Live connections (handshaking, open and closing), as of the last batch.
+    connections: AtomicUsize,
+    /// Handler callbacks that panicked.
+    handler_panics: AtomicU64,
+    /// Commands refused because the queue was full.
+    refused: AtomicU64,
+    stopped: AtomicBool,
+    /// Why the shard failed, if it did (a ringsock bug, not a handler panic).
+    failure: Mutex<Option<String>>,
+}
+
+impl Mailbox {
+    /// A mailbox with a fresh eventfd, holding at most `capacity` bounded commands.
+    ///
+    /// # Errors
+    /// No eventfd (descriptor limits).
+    pub fn new(id: usize, capacity: usize) -> std::io::Result<Mailbox> {
+        Ok(Mailbox {
+            id,
+            queue: Mutex::new(Vec::new()),
+            capacity: capacity.max(1),
+            eventfd: sys::eventfd()?,
+            connections: AtomicUsize::new(0),
+            handler_panics: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        })
+    }
+
+    /// Queues a command and wakes the shard (one wake-up per batch of posts: a post to a
+    /// non-empty queue finds the wake-up of the first one still pending, since the shard
+    /// drains the queue only after reading its eventfd).
+    pub fn post(&self, command: Command) -> Posted {
+        if self.is_stopped() {
+            return Posted::Stopped;
+        }
+        let was_empty = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if command.bounded() && queue.len() >= self.capacity {
+                drop(queue);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Posted::Full;
+            }
+            queue.push(command);
+            queue.len() == 1
+        };
+        if was_empty {
+            sys::wake(self.eventfd);
+        }
+        Posted::Queued
+    }
+
+    /// Takes every queued command (swapping vectors, so both keep their capacity).
+    pub fn drain(&self, into: &mut Vec<Command>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *queue, into);
+    }
+
+    /// The eventfd the shard reads.
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd
+    }
+
+    /// Live connections on this shard.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Updates the live connection count.
+    pub fn set_connections(&self, n: usize) {
+        self.connections.store(n, Ordering::Relaxed);
+    }
+
+    /// Counts a handler panic.
+    pub fn count_panic(&self) {
+        self.handler_panics.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handler panics so far.
+    pub fn handler_panics(&self) -> u64 {
+        self.handler_panics.load(Ordering::Relaxed)
+    }
+
+    /// Commands refused so far because the queue was full.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Marks the shard stopped (later posts fail), with the reason if it failed. Queued
+    /// commands are dropped.
+    pub fn stop(&self, failure: Option<String>) {
+        if let Some(why) = failure {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        }
+        self.stopped.store(true, Ordering::Release);
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Whether the shard has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Why the shard failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        sys::close(self.eventfd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_refuses_data_but_not_shutdown() {
+        let mailbox = Mailbox::new(0, 2).unwrap();
+        let broadcast = || Command::Broadcast {
+            frame: Bytes::from_static(b"x"),
+        };
+        assert_eq!(mailbox.post(broadcast()), Posted::Queued);
+        assert_eq!(mailbox.post(broadcast()), Posted::Queued);
+        assert_eq!(mailbox.post(broadcast()), Posted::Full);
+        assert_eq!(mailbox.refused(), 1);
+        assert_eq!(mailbox.post(Command::Shutdown), Posted::Queued);
+        let mut taken = Vec::new();
+        mailbox.drain(&mut taken);
+        assert_eq!(taken.len(), 3);
+        assert_eq!(mailbox.post(broadcast()), Posted::Queued, "room again");
+        mailbox.stop(Some("test".into()));
+        assert_eq!(mailbox.post(broadcast()), Posted::Stopped);
+        assert_eq!(mailbox.failure().as_deref(), Some("test"));
+    }
+}

@@ -1,0 +1,184 @@
+//! What the shards are configured with: limits on what peers may send, timeouts, buffer
+//! sizing. `server::Config` holds these next to the settings that only the server needs
+//! (address, shard count); every default states its reason.
+
+use std::time::Duration;
+
+use crate::proto::deflate::DeflateConfig;
+
+/// Caps on what a peer may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The largest frame payload (close 1009 above it). Default 16 MiB: the largest single
+    /// frame the Autobahn suite sends.
+    pub max_frame_size: usize,
+    /// The largest message after reassembly and inflation (close 1009 above it). Default
+    /// 64 MiB.
+    pub max_message_size: usize,
+    /// The most bytes an opening request head may take (431 above it). Default 8 KiB, what
+    /// common HTTP servers allow.
+    pub max_request_bytes: usize,
+    /// The most request header lines (431 above it). Default 64.
+    pub max_headers: usize,
+    /// Connections per shard; the next one gets a 503 and is closed. Default 100 000.
+    pub max_connections_per_shard: usize,
+    /// Deliver messages that do not arrive whole in one read piece by piece to
+    /// [`crate::server::Handler::on_fragment`] instead of reassembling them, so a handler can
+    /// take messages larger than it wants to hold (`max_message_size` still applies). Default
+    /// off: every message comes whole to `on_message`.
+    pub stream_messages: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_size: 16 << 20,
+            max_message_size: 64 << 20,
+            max_request_bytes: 8 * 1024,
+            max_headers: 64,
+            max_connections_per_shard: 100_000,
+            stream_messages: false,
+        }
+    }
+}
+
+/// Timeouts. They are checked by one timer sweep per shard, so they fire up to one sweep
+/// interval (a quarter of the shortest timeout, at most 500 ms) late. Any duration is
+/// accepted: very long ones (`Duration::MAX`) mean "never".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Timeouts {
+    /// From accept to a complete upgrade request; then TCP is dropped (slowloris). Default
+    /// 10 s.
+    pub handshake: Duration,
+    /// With nothing received for this long the connection is closed (1001). `None` disables
+    /// it. Default 120 s.
+    pub idle: Option<Duration>,
+    /// Send a ping after half the idle timeout, and close only if nothing (not even the pong)
+    /// arrives in the other half, so live but quiet peers are kept. Default on.
+    pub auto_ping: bool,
+    /// How long to wait for the peer's close frame after ours, and for its FIN after the
+    /// closing handshake, before dropping TCP. Also bounds graceful shutdown. Default 5 s.
+    pub close: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            idle: Some(Duration::from_secs(120)),
+            auto_ping: true,
+            close: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Ring and buffer sizing, per shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Buffers {
+    /// Submission queue entries (the completion queue gets four times as many). Default 1024.
+    pub ring_entries: u32,
+    /// Provided receive buffers (a power of two). Default 256: with 16 KiB each, 4 MiB of
+    /// receive memory per shard however many connections are idle.
+    pub recv_buffers: u16,
+    /// Bytes per receive buffer. Default 16 KiB (a typical TCP segment train).
+    pub recv_buffer_size: usize,
+    /// Queued output above which the shard stops reading from a connection and `send`
+    /// reports backpressure; `on_drain` fires when it falls below again. Default 1 MiB.
+    pub high_water_mark: usize,
+    /// Queued output above which sends are dropped. Default 2 MiB (twice the mark): room for
+    /// the replies to what was already received, while a peer that never reads costs at most
+    /// this much. A message is accepted whole while the queue is below the limit, so one large
+    /// message may exceed it.
+    pub max_buffered: usize,
+    /// Use a provided-buffer ring with multishot receive; off means single-shot receive into
+    /// a per-connection buffer. Default on (off is forced automatically on old kernels, and
+    /// when the ring cannot be registered, with one log line).
+    pub use_buffer_ring: bool,
+    /// Requests from other threads ([`crate::server::Remote`] sends and closes, publishes
+    /// and broadcasts) a shard holds before refusing more with
+    /// [`crate::server::SendStatus::QueueFull`]. Default 65 536: a burst of that many waits,
+    /// a producer that outruns the shard for good is told so instead of growing memory.
+    pub command_queue: usize,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers {
+            ring_entries: 1024,
+            recv_buffers: 256,
+            recv_buffer_size: 16 * 1024,
+            high_water_mark: 1 << 20,
+            max_buffered: 2 << 20,
+            use_buffer_ring: true,
+            command_queue: 1 << 16,
+        }
+    }
+}
+
+/// What the server does when a shard thread dies of a bug in ringsock itself (handler
+/// panics never kill a shard: they cost their connection only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardFailure {
+    /// Shut the whole server down gracefully and report the failure from
+    /// [`crate::server::ServerHandle::wait`] and [`crate::server::Server::run`], so the
+    /// process exits with an error and a supervisor restarts it. The default.
+    #[default]
+    ShutDown,
+    /// Keep the other shards serving. The failed shard's listener has left the
+    /// `SO_REUSEPORT` group, so new connections go to the others; the failure is still
+    /// reported when the server stops.
+    KeepServing,
+}
+
+/// Knobs for tests of ringsock itself; not part of the API.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestHooks {
+    /// How far a slot's generation moves on each reuse (1 in production). A stride of 2^24
+    /// makes every reuse look like 2^24 reuses, to show that handles cannot wrap.
+    pub generation_stride: u64,
+    /// Re-arms of each shard's wake-up read or timer that fail on purpose (0 in production):
+    /// a few are retried, more fail the shard.
+    pub fail_rearms: u32,
+}
+
+impl Default for TestHooks {
+    fn default() -> Self {
+        TestHooks {
+            generation_stride: 1,
+            fail_rearms: 0,
+        }
+    }
+}
+
+/// Everything one shard is configured with.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ShardConfig {
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub buffers: Buffers,
+    pub deflate: DeflateConfig,
+    pub on_failure: ShardFailure,
+    pub hooks: TestHooks,
+}
+
+/// A duration in whole milliseconds, saturating (`Duration::MAX` stays far in the future).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_saturate_instead_of_wrapping() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
+        assert_eq!(millis(Duration::MAX).saturating_add(5), u64::MAX);
+    }
+}

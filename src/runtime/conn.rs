@@ -1,0 +1,244 @@
+//! One connection's shard-side state and its close state machine.
+//!
+//! Life of a connection ([`Phase`]):
+//!
+//! ```text
+//! Handshake ──upgrade──▶ Ws ──closing handshake done, or protocol failure──▶ Flushing
+//!     │                   │                                                    │
+//!     └─HTTP answer, refusal──────────────────────────────────────────────────▶│
+//!                                                            output written ▼
+//!                                                   HalfClosed (SHUT_WR, read until FIN)
+//! any phase ──reset, EOF when done, timeout, ring error──▶ Dead ──no operation in flight──▶ freed
+//! ```
+//!
+//! While in `Ws`, the engine ([`crate::proto::Connection`]) tracks the closing handshake
+//! itself: after our close is sent ([`State::CloseSent`]) frames still arrive and are
+//! delivered, until the peer's close completes it ([`State::Closed`]) and the phase moves to
+//! `Flushing`. RFC 6455 §7.1.1: the server closes TCP first, so `Flushing` ends in a
+//! half-close and a wait for the peer's FIN, bounded by the close timeout.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::app::Link;
+use super::ring::{RecvBuf, SendBuf};
+use super::sys;
+use crate::proto::{self, CloseCode, Connection, State};
+
+/// Where a connection is in its life (see the module docs).
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Reading the upgrade request; the bytes so far.
+    Handshake(Vec<u8>),
+    /// A WebSocket: frames go through the engine, which tracks the closing handshake.
+    Ws,
+    /// Writing the last output (an HTTP answer, a refusal, or what follows the closing
+    /// handshake or a protocol failure); then half-close. Input is discarded.
+    Flushing,
+    /// Our side is half-closed (`SHUT_WR`); reading (and discarding) until the peer's FIN.
+    HalfClosed,
+    /// Shut down both ways; freed once no operation is in flight.
+    Dead,
+}
+
+/// The connection's receive operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Recv {
+    /// None in flight.
+    Idle,
+    /// In flight (a multishot one stays armed across completions).
+    Armed,
+    /// In flight with a cancellation asked for (backpressure): its last completion is due.
+    Cancelling,
+}
+
+/// The engine and the application's state, from the upgrade on.
+pub(crate) struct WsPart<S> {
+    /// The protocol engine.
+    pub engine: Connection,
+    /// The application's per-connection state.
+    pub state: S,
+    /// A callback panicked: no more deliveries, only the close.
+    pub poisoned: bool,
+}
+
+/// Input held back while the output is over the high-water mark (see `input.rs`).
+#[derive(Default)]
+pub(crate) struct Stash {
+    /// Received bytes not yet fed to the engine.
+    pub bytes: Vec<u8>,
+    /// How far they were fed.
+    pub pos: usize,
+}
+
+impl Stash {
+    /// Whether bytes are waiting.
+    pub fn is_pending(&self) -> bool {
+        self.pos < self.bytes.len()
+    }
+}
+
+/// A connection on a shard.
+pub(crate) struct Conn<S> {
+    /// The socket; closed when the connection is dropped.
+    pub socket: OwnedFd,
+    /// What sessions touch: output, open flag, topics.
+    pub link: Link,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// The engine and state, from the upgrade on.
+    pub ws: Option<WsPart<S>>,
+    /// Bytes on their way to the socket.
+    pub send: SendBuf,
+    /// The receive operation.
+    pub recv: Recv,
+    /// The receive buffer, without a buffer ring (single-shot receives).
+    pub recv_buf: Option<RecvBuf>,
+    /// Cancellations submitted whose completion has not arrived.
+    pub cancels: u32,
+    /// The peer's FIN arrived.
+    pub peer_eof: bool,
+    /// Output is over the high-water mark: reading stops until it drains.
+    pub over_mark: bool,
+    /// Input received while over the mark.
+    pub stash: Stash,
+    /// When the idle ping was sent (ms), if one is outstanding.
+    pub pinged_at: Option<u64>,
+    /// When something was last received (ms).
+    pub last_rx: u64,
+    /// Handshake or closing deadline (ms since shard start).
+    pub deadline: Option<u64>,
+}
+
+impl<S> Conn<S> {
+    /// A freshly accepted connection in `phase`.
+    pub fn new(socket: OwnedFd, link: Link, phase: Phase, now: u64, deadline: u64) -> Conn<S> {
+        Conn {
+            socket,
+            link,
+            phase,
+            ws: None,
+            send: SendBuf::default(),
+            recv: Recv::Idle,
+            recv_buf: None,
+            cancels: 0,
+            peer_eof: false,
+            over_mark: false,
+            stash: Stash::default(),
+            pinged_at: None,
+            last_rx: now,
+            deadline: Some(deadline),
+        }
+    }
+
+    /// The socket's descriptor.
+    pub fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Whether it is shut down and only waits for its operations.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.phase, Phase::Dead)
+    }
+
+    /// Whether an operation that points at this connection's memory is in flight.
+    pub fn has_operations(&self) -> bool {
+        self.recv != Recv::Idle || self.send.in_flight() || self.cancels > 0
+    }
+
+    /// Whether everything queued was written.
+    pub fn is_flushed(&self) -> bool {
+        self.send.is_idle() && self.link.out.is_empty() && self.link.deferred.is_empty()
+    }
+
+    /// Shuts the socket down both ways so every operation in flight completes; the
+    /// connection is freed once they have.
+    pub fn kill(&mut self) {
+        if !self.is_dead() {
+            self.phase = Phase::Dead;
+            self.link.open = false;
+            sys::shutdown(self.fd(), false);
+        }
+    }
+
+    /// Writes what is queued, then closes (an HTTP answer, a refusal).
+    pub fn flush_then_close(&mut self) {
+        if matches!(self.phase, Phase::Handshake(_) | Phase::Ws) {
+            self.phase = Phase::Flushing;
+        }
+    }
+
+    /// Sets the deadline unless one is set.
+    fn arm_deadline(&mut self, at: u64) {
+        self.deadline.get_or_insert(at);
+    }
+
+    /// Starts the closing handshake from our side (RFC 6455 §7.1.2), after queued output.
+    pub fn start_close(&mut self, code: CloseCode, reason: &str, now: u64, close_ms: u64) {
+        let Some(ws) = self.ws.as_mut() else { return };
+        self.link.open = false;
+        self.link.close_req = None;
+        if ws.engine.state() == State::Open {
+            let _ = ws.engine.close(&mut self.link.out, code, reason);
+        }
+        self.follow_engine(now, close_ms);
+    }
+
+    /// Follows the engine's closing state: a deadline while our close waits for the peer's,
+    /// and flush-then-close once both were exchanged (or the connection failed).
+    pub fn follow_engine(&mut self, now: u64, close_ms: u64) {
+        let Some(ws) = self.ws.as_ref() else { return };
+        match ws.engine.state() {
+            State::Open => {}
+            State::CloseSent => {
+                self.link.open = false;
+                self.arm_deadline(now.saturating_add(close_ms));
+            }
+            State::Closed => {
+                self.link.open = false;
+                self.flush_then_close();
+                self.arm_deadline(now.saturating_add(close_ms));
+            }
+        }
+    }
+
+    /// Applies what a callback left behind: deferred (compressed) sends, then a requested
+    /// close.
+    pub fn after_callback(&mut self, now: u64, close_ms: u64) {
+        let Some(ws) = self.ws.as_mut() else { return };
+        if !self.link.deferred_msgs.is_empty() {
+            let mut start = 0;
+            for &(opcode, len, compress) in &self.link.deferred_msgs {
+                let payload = &self.link.deferred[start..start + len];
+                start += len;
+                if compress {
+                    let _ = ws.engine.send(&mut self.link.out, opcode, payload, true);
+                } else {
+                    proto::encode_frame(&mut self.link.out, true, false, opcode, payload);
+                }
+            }
+            self.link.deferred_msgs.clear();
+            self.link.deferred.clear();
+        }
+        if let Some((code, reason)) = self.link.close_req.take() {
+            self.start_close(code, &reason, now, close_ms);
+        } else {
+            self.follow_engine(now, close_ms);
+        }
+    }
+
+    /// Frees the large buffers of a quiet connection: the engine's reassembly, inflate and
+    /// compression buffers, the send vectors and the stash, each above `keep` bytes and not
+    /// in use.
+    pub fn shrink(&mut self, keep: usize) {
+        if let Some(ws) = self.ws.as_mut() {
+            ws.engine.shrink_buffers();
+        }
+        self.send.shrink(keep);
+        if self.link.out.is_empty() && self.link.out.capacity() > keep {
+            self.link.out = Vec::new();
+        }
+        if !self.stash.is_pending() && self.stash.bytes.capacity() > keep {
+            self.stash = Stash::default();
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The shards of one server as a whole: starting their threads, asking them to stop,
+//! waiting for them, and what happens when one fails.
+//!
+//! Each shard thread reports its start (ring up, or why not), runs its loop, then marks its
+//! mailbox stopped with the reason it failed, if it did, and wakes whoever waits on the
+//! fleet. A failed shard has already closed its listener and connections; under
+//! [`ShardFailure::ShutDown`] it also asks every other shard to shut down, so the server
+//! stops and [`Fleet::wait`] reports the failure.
+
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use super::app::App;
+use super::command::{Command, Mailbox, Posted};
+use super::config::{ShardConfig, ShardFailure};
+use super::fault;
+use super::setup::RingGate;
+use super::shard::Shard;
+use super::signal::SignalWatch;
+use super::sys;
+
+/// An eventfd that shard threads write when they exit; closed when the last owner drops it.
+struct ExitSignal(RawFd);
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        sys::close(self.0);
+    }
+}
+
+/// A running server's shards.
+pub(crate) struct Fleet {
+    mailboxes: Arc<[Arc<Mailbox>]>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    exited: Arc<ExitSignal>,
+}
+
+impl Fleet {
+    /// Starts one shard per listener (`cpus[i]`: the CPU to pin shard `i` to) and returns
+    /// once each has its ring up.
+    ///
+    /// # Errors
+    /// The first shard's start error (io_uring unavailable, ...); every shard that did start
+    /// is stopped again first.
+    pub fn start<A: App>(
+        app: Arc<A>,
+        config: ShardConfig,
+        listeners: Vec<OwnedFd>,
+        cpus: Vec<Option<usize>>,
+    ) -> io::Result<Fleet> {
+        fault::install_hook();
+        let count = listeners.len();
+        let capacity = config.buffers.command_queue;
+        let mailboxes: Vec<Arc<Mailbox>> = (0..count)
+            .map(|i| Mailbox::new(i, capacity).map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        let mailboxes: Arc<[Arc<Mailbox>]> = mailboxes.into();
+        let exited = Arc::new(ExitSignal(sys::eventfd()?));
+        let config = Arc::new(config);
+        let gate = Arc::new(RingGate::new(count));
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::with_capacity(count);
+        let mut first_error = None;
+        for (index, listener) in listeners.into_iter().enumerate() {
+            if first_error.is_some() {
+                gate.arrive(false);
+                continue;
+            }
+            let (app, config, all, tx, ring_gate, exited) = (
+                Arc::clone(&app),
+                Arc::clone(&config),
+                Arc::clone(&mailboxes),
+                tx.clone(),
+                Arc::clone(&gate),
+                Arc::clone(&exited),
+            );
+            let cpu = cpus.get(index).copied().flatten();
+            let spawned = thread::Builder::new()
+                .name(format!("ringsock-{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        let _ = sys::pin_to_cpu(cpu);
+                    }
+                    let mailbox = Arc::clone(&all[index]);
+                    let on_failure = config.on_failure;
+                    let shard =
+                        Shard::new(app, config, Arc::clone(&all), index, listener, &ring_gate);
+                    let failure = match shard {
+                        Ok(shard) => {
+                            let _ = tx.send(Ok(()));
+                            drop(tx);
+                            shard.run()
+                        }
+                        Err(e) => {
+                            mailbox.stop(None);
+                            let _ = tx.send(Err(e));
+                            sys::wake(exited.0);
+                            return;
+                        }
+                    };
+                    let failed = failure.is_some();
+                    mailbox.stop(failure);
+                    if failed && on_failure == ShardFailure::ShutDown {
+                        for other in all.iter() {
+                            other.post(Command::Shutdown);
+                        }
+                    }
+                    sys::wake(exited.0);
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    gate.arrive(false);
+                    mailboxes[index].stop(None);
+                    first_error = Some(e);
+                }
+            }
+        }
+        drop(tx);
+        // One report per started thread (a thread that died without one closes the channel).
+        for _ in 0..threads.len() {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(io::Error::other("a shard thread died at start"));
+                    break;
+                }
+            }
+        }
+        let fleet = Fleet {
+            mailboxes,
+            threads: Mutex::new(threads),
+            exited,
+        };
+        if let Some(e) = first_error {
+            fleet.request_shutdown();
+            let _ = fleet.wait();
+            return Err(e);
+        }
+        Ok(fleet)
+    }
+
+    /// Every shard's mailbox.
+    pub fn mailboxes(&self) -> &Arc<[Arc<Mailbox>]> {
+        &self.mailboxes
+    }
+
+    /// Posts a command to every shard (built once per shard); how many took it.
+    pub fn post_all(&self, mut make: impl FnMut() -> Command) -> usize {
+        self.mailboxes
+            .iter()
+            .filter(|m| m.post(make()) == Posted::Queued)
+            .count()
+    }
+
+    /// Asks every shard to shut down gracefully; returns at once.
+    pub fn request_shutdown(&self) {
+        self.post_all(|| Command::Shutdown);
+    }
+
+    /// Waits for every shard thread to exit; an error names every shard that failed.
+    ///
+    /// # Errors
+    /// When a shard failed (a ringsock bug, or a ring that broke): the server is not whole.
+    pub fn wait(&self) -> io::Result<()> {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+        self.failure()
+    }
+
+    /// The shards' failures so far, as one error.
+    pub fn failure(&self) -> io::Result<()> {
+        let failures: Vec<String> = self
+            .mailboxes
+            .iter()
+            .filter_map(|m| {
+                m.failure()
+                    .map(|why| format!("shard {} failed: {why}", m.id))
+            })
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::other(failures.join("; ")))
+        }
+    }
+
+    /// Whether every shard has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.mailboxes.iter().all(|m| m.is_stopped())
+    }
+
+    /// Serves until SIGINT or SIGTERM (then shuts down gracefully) or until every shard has
+    /// stopped, then waits for them.
+    ///
+    /// # Errors
+    /// The signal handlers cannot be installed, or a shard failed.
+    pub fn run_until_signal(&self) -> io::Result<()> {
+        let watch = SignalWatch::register()?;
+        while !self.is_stopped() {
+            match sys::wait_readable(&[watch.fd(), self.exited.0])? {
+                0 => {
+                    self.request_shutdown();
+                    break;
+                }
+                _ => sys::drain_eventfd(self.exited.0),
+            }
+        }
+        drop(watch);
+        self.wait()
+    }
+}

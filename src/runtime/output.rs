@@ -1,0 +1,141 @@
+//! Settling, after each batch of completions, every connection the batch touched: local
+//! fan-out of what callbacks published, then per connection at most one send, the
+//! half-close after the last byte of a closing connection, backpressure (stop or resume
+//! reading, `on_drain`, feeding back stashed input), the end of a connection whose peer
+//! finished, and freeing connections with no operation left in flight.
+
+use super::app::App;
+use super::conn::{Phase, Recv};
+use super::shard::Shard;
+use super::token::{Op, Token};
+use super::{sys, warn_log};
+
+impl<A: App> Shard<A> {
+    /// Settles every touched connection (see the module docs).
+    pub(super) fn settle(&mut self) {
+        loop {
+            let publishes = std::mem::take(&mut self.core.ctx.publishes);
+            for (topic, frame) in &publishes {
+                self.core.fan_out(Some(topic), frame);
+            }
+            if self.core.ctx.publishes.is_empty() {
+                // Keep the vector's capacity.
+                self.core.ctx.publishes = publishes;
+                self.core.ctx.publishes.clear();
+            }
+            let Some(slot) = self.core.ctx.touched.pop() else {
+                if self.core.ctx.publishes.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            self.settle_one(slot);
+        }
+        self.core.mailbox.set_connections(self.core.conns.len());
+    }
+
+    fn settle_one(&mut self, slot: u32) {
+        let Shard { ring, core, .. } = self;
+        let now = core.now;
+        let Some(c) = core.conns.at(slot) else {
+            return;
+        };
+        c.link.touched = false;
+        let id = c.link.id;
+        if c.is_dead() {
+            if !c.has_operations() {
+                core.free(slot);
+            }
+            return;
+        }
+        // One send per connection per batch.
+        if !c.send.in_flight() {
+            if c.send.remaining() == 0 && !c.link.out.is_empty() {
+                c.send.load(&mut c.link.out);
+            }
+            if c.send.remaining() > 0 {
+                let token = Token::conn(Op::Send, id).raw();
+                if let Err(e) = ring.send(c.fd(), &mut c.send, token) {
+                    warn_log!("cannot submit a send: {e}");
+                    c.kill();
+                    core.ctx.touch(&mut c.link);
+                    return;
+                }
+            }
+            c.link.in_flight = c.send.remaining();
+        }
+        if matches!(c.phase, Phase::Flushing) && c.is_flushed() {
+            if c.peer_eof {
+                c.kill();
+                core.ctx.touch(&mut c.link);
+                return;
+            }
+            // RFC 6455 §7.1.1: the server closes TCP first; half-close and wait for the FIN.
+            sys::shutdown(c.fd(), true);
+            c.phase = Phase::HalfClosed;
+            c.deadline = Some(now.saturating_add(core.close_ms));
+        }
+        // Backpressure.
+        let buffered = c.link.buffered();
+        let mark = core.ctx.limits.high_water_mark;
+        if c.over_mark && buffered < mark {
+            c.over_mark = false;
+            core.call(slot, "on_drain", |app, session| app.drain(session));
+        } else if !c.over_mark && buffered >= mark {
+            c.over_mark = true;
+        }
+        let Some(c) = core.conns.at(slot) else {
+            return;
+        };
+        if !c.over_mark && c.stash.is_pending() {
+            core.feed_stash(slot);
+        }
+        let Some(c) = core.conns.at(slot) else {
+            return;
+        };
+        let stashed = c.stash.is_pending();
+        if c.peer_eof && !stashed && c.is_flushed() {
+            // The peer's FIN, and everything received before it was processed and every reply
+            // written (after a closing handshake, or without one: 1006): nothing is lost by
+            // ending the connection now.
+            c.kill();
+            core.ctx.touch(&mut c.link);
+            return;
+        }
+        let want_read = !c.over_mark && !stashed && !c.peer_eof && !c.is_dead();
+        match (want_read, c.recv) {
+            (true, Recv::Idle) => {
+                let token = Token::conn(Op::Recv, id).raw();
+                let armed = if core.multishot_recv {
+                    ring.recv_multi(c.fd(), token)
+                } else {
+                    let size = core.config.buffers.recv_buffer_size;
+                    let fd = c.fd();
+                    let buf = c
+                        .recv_buf
+                        .get_or_insert_with(|| super::ring::RecvBuf::new(size));
+                    ring.recv(fd, buf, token)
+                };
+                match armed {
+                    Ok(()) => c.recv = Recv::Armed,
+                    Err(e) => {
+                        warn_log!("cannot arm a receive: {e}");
+                        c.kill();
+                        core.ctx.touch(&mut c.link);
+                    }
+                }
+            }
+            (false, Recv::Armed) => {
+                let target = Token::conn(Op::Recv, id).raw();
+                if ring
+                    .cancel(target, Token::conn(Op::Cancel, id).raw())
+                    .is_ok()
+                {
+                    c.recv = Recv::Cancelling;
+                    c.cancels += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+}

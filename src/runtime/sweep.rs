@@ -1,0 +1,70 @@
+//! The timer sweep, once per tick (a quarter of the shortest timeout, 10–500 ms): handshake
+//! and closing deadlines, the idle ping and idle close, the forced end of a graceful
+//! shutdown, the accept retry after descriptor exhaustion, and freeing the large buffers of
+//! quiet connections.
+
+use super::app::App;
+use super::config::millis;
+use super::conn::Conn;
+use super::debug_log;
+use super::shard::Shard;
+use crate::proto::{self, CloseCode, OpCode};
+
+/// A connection with nothing received for this long gives back its large buffers.
+const SHRINK_AFTER_MS: u64 = 1000;
+
+impl<A: App> Shard<A> {
+    /// The sweep.
+    pub(super) fn on_tick(&mut self) {
+        self.retry_accept();
+        let core = &mut self.core;
+        let now = core.now;
+        let t = core.config.timeouts;
+        let idle = t.idle.map(millis);
+        let force = core.shutting_down && now >= core.shutdown_deadline;
+        let (close_ms, keep) = (core.close_ms, core.keep_capacity);
+        for slot in 0..core.conns.end() {
+            let Some(c) = core.conns.at(slot) else {
+                continue;
+            };
+            if c.is_dead() {
+                continue;
+            }
+            if force || c.deadline.is_some_and(|at| now >= at) {
+                debug_log!("connection {} timed out", c.link.id.slot);
+                c.kill();
+                core.ctx.touch(&mut c.link);
+                continue;
+            }
+            if now.saturating_sub(c.last_rx) >= SHRINK_AFTER_MS {
+                c.shrink(keep);
+            }
+            if let Some(idle) = idle.filter(|_| c.link.open) {
+                let pinged = c.pinged_at;
+                if idle_expired(c, idle, t.auto_ping, now) {
+                    c.start_close(CloseCode::GOING_AWAY, "idle timeout", now, close_ms);
+                    core.ctx.touch(&mut c.link);
+                } else if c.pinged_at != pinged {
+                    core.ctx.touch(&mut c.link);
+                }
+            }
+        }
+    }
+}
+
+/// With auto ping: ping after half the idle time, expire if the other half passes without
+/// anything received (a pong resets both). Without: expire after the idle time.
+fn idle_expired<S>(c: &mut Conn<S>, idle: u64, auto_ping: bool, now: u64) -> bool {
+    let quiet = now.saturating_sub(c.last_rx);
+    match (auto_ping, c.pinged_at) {
+        (true, Some(at)) => now.saturating_sub(at) >= idle - idle / 2,
+        (true, None) => {
+            if quiet >= idle / 2 {
+                c.pinged_at = Some(now);
+                proto::encode_frame(&mut c.link.out, true, false, OpCode::Ping, b"");
+            }
+            false
+        }
+        (false, _) => quiet >= idle,
+    }
+}
