@@ -533,6 +533,36 @@ fn resets_with_output_in_flight_free_every_connection() {
 }
 
 #[test]
+fn peers_that_reset_under_our_sends_never_raise_sigpipe() {
+    // A process with SIGPIPE's default action dies on the first send to a reset peer that
+    // lacks MSG_NOSIGNAL. Peers reset while 2 MiB echoes are being written to them.
+    let mut child = ChildServer::start("shards=2,sigpipe=default");
+    let addr = child.addr;
+    for _ in 0..3 {
+        let clients: Vec<RawClient> = (0..8)
+            .map(|_| {
+                let mut c = open(addr);
+                c.stream
+                    .set_write_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let _ = c
+                    .stream
+                    .write_all(&masked_frame(true, 2, &vec![5u8; 2 << 20]));
+                c
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        for c in clients {
+            set_linger_zero(&c.stream);
+        }
+    }
+    child.wait_connections(0, 10);
+    still_serves(addr);
+    let log = child.stderr();
+    assert!(child.stop().success(), "the server survived: {log}");
+}
+
+#[test]
 fn half_close_mid_message_frees_the_connection() {
     let (handle, probe) = start(builder());
     let mut c = open(handle.local_addr());

@@ -84,14 +84,14 @@ pub enum SendStatus {
     /// from this connection until it drains, and `on_drain` will fire.
     Backpressure,
     /// Not queued: the connection's output is over the hard limit
-    /// ([`crate::server::Buffers::max_buffered`]).
+    /// ([`Buffers::max_buffered`](super::Buffers::max_buffered)).
     Dropped,
     /// Not queued: the connection is closing or gone (our close was sent or asked for, or
     /// the peer's arrived), or the server has stopped.
     Closed,
     /// Not queued: the shard's queue of requests from other threads is full
-    /// ([`crate::server::Buffers::command_queue`]); only [`crate::server::Remote`] and
-    /// cross-thread calls report this.
+    /// ([`Buffers::command_queue`](super::Buffers::command_queue)); only sends from other
+    /// threads (`Remote`) report this.
     QueueFull,
 }
 
@@ -228,6 +228,7 @@ pub(crate) struct Session<'a, S> {
 
 impl<S> Session<'_, S> {
     /// Queues a data message (see [`queue_message`]).
+    #[inline]
     pub fn send(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let engine = self.engine.as_deref_mut();
         let limits = self.ctx.limits;

@@ -24,7 +24,7 @@ pub struct Limits {
     /// Connections per shard; the next one gets a 503 and is closed. Default 100 000.
     pub max_connections_per_shard: usize,
     /// Deliver messages that do not arrive whole in one read piece by piece to
-    /// [`crate::server::Handler::on_fragment`] instead of reassembling them, so a handler can
+    /// the handler's `on_fragment` instead of reassembling them, so a handler can
     /// take messages larger than it wants to hold (`max_message_size` still applies). Default
     /// off: every message comes whole to `on_message`.
     pub stream_messages: bool,
@@ -97,9 +97,9 @@ pub struct Buffers {
     /// a per-connection buffer. Default on (off is forced automatically on old kernels, and
     /// when the ring cannot be registered, with one log line).
     pub use_buffer_ring: bool,
-    /// Requests from other threads ([`crate::server::Remote`] sends and closes, publishes
-    /// and broadcasts) a shard holds before refusing more with
-    /// [`crate::server::SendStatus::QueueFull`]. Default 65 536: a burst of that many waits,
+    /// Requests from other threads (`Remote` sends and closes, publishes and broadcasts) a
+    /// shard holds before refusing more with [`SendStatus::QueueFull`](super::SendStatus).
+    /// Default 65 536: a burst of that many waits,
     /// a producer that outruns the shard for good is told so instead of growing memory.
     pub command_queue: usize,
 }
@@ -124,7 +124,7 @@ impl Default for Buffers {
 #[non_exhaustive]
 pub enum ShardFailure {
     /// Shut the whole server down gracefully and report the failure from
-    /// [`crate::server::ServerHandle::wait`] and [`crate::server::Server::run`], so the
+    /// `ServerHandle::wait` and `Server::run`, so the
     /// process exits with an error and a supervisor restarts it. The default.
     #[default]
     ShutDown,

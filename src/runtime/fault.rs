@@ -32,6 +32,7 @@ pub(crate) fn install_hook() {
 }
 
 /// Runs `f`; a panic inside it is caught and its message returned.
+#[inline]
 pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     let outer = GUARDED.replace(true);
     let result = panic::catch_unwind(AssertUnwindSafe(f));

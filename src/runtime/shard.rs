@@ -89,7 +89,9 @@ struct Acceptor {
 pub(crate) struct Shard<A: App> {
     // Field order is drop order: the ring goes first, and its Drop cancels every operation
     // still in flight before any memory they point at is dropped (or leaked).
+    /// The shard's ring (and its provided-buffer ring).
     pub(super) ring: Ring,
+    /// Connections and everything callbacks reach.
     pub(super) core: Core<A>,
     /// The listener; `None` once closed (shutdown, exit).
     listener: Option<OwnedFd>,
@@ -100,6 +102,7 @@ pub(crate) struct Shard<A: App> {
     timer: TimerBuf,
     /// Commands taken from the mailbox (kept for its capacity).
     commands: Vec<Command>,
+    /// When the shard started: `Core::now` counts from here.
     start: Instant,
     /// Test hook: re-arms still to fail on purpose.
     fail_rearms: u32,

@@ -1,6 +1,6 @@
 //! SIGINT and SIGTERM as a graceful shutdown, per server.
 //!
-//! A server waiting in [`crate::server::ServerHandle::run_until_signal`] registers an eventfd
+//! A server waiting in `ServerHandle::run_until_signal` ([`super::fleet::Fleet::run_until_signal`]) registers an eventfd
 //! of its own here; the signal handler writes to every registered eventfd and nothing else,
 //! and the waiting thread turns that into an ordinary shutdown request. Dropping the
 //! registration removes the eventfd before it is closed, and waits out a handler that may be

@@ -4,7 +4,7 @@
 //! Layout: operation (8 bits) | low 24 bits of the connection's generation | slot (32 bits).
 //! The generation bits are a second check only: a connection's slot is freed after its last
 //! completion arrived, so no completion can outlive the connection it names. What users keep
-//! ([`crate::server::Remote`]) carries the full 64-bit [`ConnId`].
+//! (`Remote`) carries the full 64-bit [`ConnId`].
 
 use super::slab::ConnId;
 

@@ -29,10 +29,12 @@ impl<H: Handler> App for HandlerApp<H> {
         }
     }
 
+    #[inline]
     fn open(&self, session: Session<'_, H::State>) {
         self.0.on_open(&mut Ws { session });
     }
 
+    #[inline]
     fn deliver(&self, session: Session<'_, H::State>, delivery: Delivery<'_>) {
         let ws = &mut Ws { session };
         match delivery {
@@ -49,6 +51,7 @@ impl<H: Handler> App for HandlerApp<H> {
         }
     }
 
+    #[inline]
     fn drain(&self, session: Session<'_, H::State>) {
         self.0.on_drain(&mut Ws { session });
     }

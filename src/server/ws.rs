@@ -21,16 +21,19 @@ pub struct Ws<'a, S> {
 
 impl<S> Ws<'_, S> {
     /// Sends a text message.
+    #[inline]
     pub fn send_text(&mut self, text: &str) -> SendStatus {
         self.session.send(OpCode::Text, text.as_bytes(), true)
     }
 
     /// Sends a binary message.
+    #[inline]
     pub fn send_binary(&mut self, bytes: &[u8]) -> SendStatus {
         self.session.send(OpCode::Binary, bytes, true)
     }
 
     /// Sends a message of the same type.
+    #[inline]
     pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
         self.send_with(msg, true)
     }
@@ -40,6 +43,7 @@ impl<S> Ws<'_, S> {
     /// compressed data, latency-critical small messages); `true` compresses it when
     /// compression was negotiated and the message is large enough to gain (the default of
     /// the other send methods).
+    #[inline]
     pub fn send_with(&mut self, msg: Message<'_>, compress: bool) -> SendStatus {
         match msg {
             Message::Text(text) => self.session.send(OpCode::Text, text.as_bytes(), compress),

@@ -335,7 +335,8 @@ fn deny_rules(what: &str) -> Vec<SeccompRule> {
 /// Settings: `shards`, `hwm` (high-water mark), `max_buffered`, `max_frame`, `max_message`,
 /// `handshake_ms`, `close_ms`, `nofile` (descriptor limit), `memlock` (locked-memory limit,
 /// with `CAP_IPC_LOCK` dropped so it applies to root too), `deny` (`setup`,
-/// `register_buffers`, `pbuf_ring`, joined by `+`).
+/// `register_buffers`, `pbuf_ring`, joined by `+`), `sigpipe` (any value: the default
+/// SIGPIPE action, which kills).
 pub fn child_main() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
@@ -367,6 +368,13 @@ pub fn child_main() {
                 // SAFETY: `rl` is a valid rlimit for the duration of the call.
                 let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
                 assert_eq!(rc, 0, "setrlimit NOFILE");
+                builder
+            }
+            "sigpipe" => {
+                // As an embedding in a C program has it: SIGPIPE kills (Rust's runtime
+                // ignores it otherwise).
+                // SAFETY: sets a signal disposition before any thread of the server exists.
+                unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
                 builder
             }
             "memlock" => {
