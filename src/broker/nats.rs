@@ -21,6 +21,9 @@ use tokio::time::timeout;
 use super::engine::{self, Change, Link, BATCH};
 use super::{broker_log, invalid, redact, wire, BrokerConfig};
 
+/// Commands (publications, mostly) the `async-nats` client buffers before `publish` waits.
+const CLIENT_CAPACITY: usize = 2 * BATCH;
+
 /// Checks that `async-nats` takes every server in `url`.
 pub(super) fn validate(url: &str) -> std::io::Result<()> {
     for server in url.split(',') {
@@ -47,7 +50,7 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let client = match options(&config, &link, events_tx.clone())
+    let client = match options(&config, &servers, &link, events_tx.clone())
         .connect(servers.clone())
         .await
     {
@@ -69,7 +72,8 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
                 "cannot reach {shown}: {e}; retrying every {:?} at most",
                 config.retry_max
             );
-            let background = options(&config, &link, events_tx).retry_on_initial_connect();
+            let background =
+                options(&config, &servers, &link, events_tx).retry_on_initial_connect();
             match background.connect(servers).await {
                 Ok(client) => client,
                 Err(e) => {
@@ -86,6 +90,7 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
     let mut topics: SelectAll<TopicStream> = SelectAll::new();
     let mut batch = Vec::with_capacity(BATCH);
     let mut connected = false;
+    let mut quiet = false;
     loop {
         tokio::select! {
             Some(event) = events.recv() => match event {
@@ -94,6 +99,7 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
                         continue;
                     }
                     connected = true;
+                    quiet = false;
                     // After a reconnect the client has queued a SUB for every subscription;
                     // put them on the wire before telling the application.
                     let _ = timeout(config.request_timeout, client.flush()).await;
@@ -104,11 +110,16 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
                     link.down();
                     broker_log!("lost {shown}; reconnecting");
                 }
+                // The client reports each failed reconnect attempt: one line per outage.
+                Event::ClientError(_) if !connected && quiet => {}
+                Event::ClientError(e) => {
+                    quiet = !connected;
+                    broker_log!("{shown}: client error: {e}");
+                }
                 Event::SlowConsumer(_) => {
                     broker_log!("NATS client dropped incoming messages: the engine fell behind");
                 }
                 Event::ServerError(e) => broker_log!("{shown}: server error: {e}"),
-                Event::ClientError(e) => broker_log!("{shown}: client error: {e}"),
                 _ => {}
             },
             Some((topic, message)) = topics.next() => {
@@ -158,20 +169,33 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
     }
 }
 
-/// The client options: this node's name, no echo, the configured timeouts and backoff, and
-/// the client's events into `events`.
+/// The client options: credentials from the URL, this node's name, no echo, the configured
+/// timeouts and backoff, and the client's events into `events`.
 fn options(
     config: &BrokerConfig,
+    servers: &[ServerAddr],
     link: &Link,
     events: mpsc::UnboundedSender<Event>,
 ) -> ConnectOptions {
     let (min, max, seed) = (config.retry_min, config.retry_max, link.node.get());
-    ConnectOptions::new()
+    let mut options = ConnectOptions::new();
+    // async-nats does not take credentials from the URL: pass the first ones given.
+    if let Some(server) = servers.iter().find(|s| s.username().is_some()) {
+        let user = percent_decode(server.username().unwrap_or_default());
+        options = match server.password() {
+            Some(password) => options.user_and_password(user, percent_decode(password)),
+            None => options.token(user),
+        };
+    }
+    options
         .name(format!("ringsock-{}", link.node))
         .no_echo()
         .connection_timeout(config.connect_timeout)
         .ping_interval(config.ping_interval)
         .max_reconnects(None)
+        // The client's own command buffer, beyond this engine's bounded queue: small, so the
+        // queue's bounds are what a stalled server meets (the default is 2048 messages).
+        .client_capacity(CLIENT_CAPACITY)
         .reconnect_delay_callback(move |attempts| {
             // `attempts` counts from 1; the first reconnect waits `min`.
             let attempt = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
@@ -183,6 +207,32 @@ fn options(
                 let _ = events.send(event);
             }
         })
+}
+
+/// `%XX` escapes in a URL's user or password, decoded (others are left as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One live topic's subscription, yielding (topic, wire bytes).
@@ -199,5 +249,18 @@ impl Stream for TopicStream {
         self.subscriber
             .poll_next_unpin(cx)
             .map(|m| m.map(|m| (topic, m.payload)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_percent_escapes_in_credentials() {
+        assert_eq!(percent_decode("p%40ss%3Aw%2fd"), "p@ss:w/d");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -14,8 +14,8 @@ use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
-    AsyncConnectionConfig, Client, ErrorKind, ProtocolVersion, PushInfo, PushKind, RedisError,
-    ServerErrorKind, Value,
+    AsyncConnectionConfig, Client, ErrorKind, Pipeline, ProtocolVersion, PushInfo, PushKind,
+    RedisError, ServerErrorKind, Value,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -311,38 +311,48 @@ impl Requests {
         }
     }
 
-    /// Publishes a batch, in order: one pipeline on a plain connection; concurrent `SPUBLISH`es
-    /// on a cluster connection, which keeps each node's order.
+    /// Publishes a batch in order: one pipeline on a plain connection. A cluster connection
+    /// takes a pipeline only within one slot, and reorders concurrent requests, so there each
+    /// topic's share of the batch is one pipeline, and the topics' pipelines go concurrently.
     async fn publish(
         &mut self,
         prefix: &str,
         link: &Link,
         batch: &[Outbound],
     ) -> Result<(), RedisError> {
-        let encoded = batch.iter().map(|m| {
-            (
-                wire::redis_channel(prefix, &m.topic),
-                wire::encode(link.node, &m.payload),
-            )
-        });
+        let add = |pipe: &mut Pipeline, command: &str, message: &Outbound| {
+            let channel = wire::redis_channel(prefix, &message.topic);
+            pipe.cmd(command)
+                .arg(channel)
+                .arg(&wire::encode(link.node, &message.payload)[..])
+                .ignore();
+        };
         match self {
             Requests::Plain { publisher, .. } => {
                 let mut pipe = ::redis::pipe();
-                for (channel, message) in encoded {
-                    pipe.cmd("PUBLISH").arg(channel).arg(&message[..]).ignore();
+                for message in batch {
+                    add(&mut pipe, "PUBLISH", message);
                 }
                 pipe.query_async::<()>(publisher).await
             }
             Requests::Cluster(connection) => {
-                let requests = encoded.map(|(channel, message)| {
+                let mut pipes: Vec<(&str, Pipeline)> = Vec::new();
+                for message in batch {
+                    let i = match pipes
+                        .iter()
+                        .position(|(topic, _)| *topic == &*message.topic)
+                    {
+                        Some(i) => i,
+                        None => {
+                            pipes.push((&message.topic, ::redis::pipe()));
+                            pipes.len() - 1
+                        }
+                    };
+                    add(&mut pipes[i].1, "SPUBLISH", message);
+                }
+                let requests = pipes.iter().map(|(_, pipe)| {
                     let mut connection = connection.clone();
-                    async move {
-                        ::redis::cmd("SPUBLISH")
-                            .arg(channel)
-                            .arg(&message[..])
-                            .query_async::<()>(&mut connection)
-                            .await
-                    }
+                    async move { pipe.query_async::<()>(&mut connection).await }
                 });
                 futures_util::future::try_join_all(requests).await.map(drop)
             }
