@@ -744,6 +744,53 @@ fn bad_urls_are_clear_errors() {
     assert!(err.to_string().contains("prefix"), "{err}");
 }
 
+/// A channel the broker's ACL denies: that publication is refused and counted as dropped, the
+/// link stays up (no reconnect), and publications to allowed channels go on.
+#[cfg(feature = "redis")]
+#[test]
+fn redis_acl_refusal_drops_the_publication_and_keeps_the_link() {
+    let Some(server) = Server::start(Kind::Redis) else {
+        return;
+    };
+    let _: () = ::redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "resetchannels", "&ringsock:allowed"])
+        .query(&mut server.redis())
+        .expect("ACL SETUSER");
+    let (publisher, subscriber) = (server.node(), server.node());
+    publisher.await_connected();
+    subscriber.await_connected();
+    subscriber.broker.subscribe("allowed");
+    server.await_subscriptions("allowed", 1);
+
+    publisher
+        .broker
+        .publish("denied", Bytes::from_static(b"refused"));
+    eventually("the refusal to be counted", || {
+        publisher.broker.stats().dropped == 1
+    });
+    publisher
+        .broker
+        .publish("allowed", Bytes::from_static(b"delivered"));
+    subscriber.events.wait("the allowed message", |e| {
+        e.iter().any(|e| matches!(e, BrokerEvent::Message { .. }))
+    });
+    assert_eq!(
+        subscriber.events.messages("allowed"),
+        [Bytes::from_static(b"delivered")]
+    );
+    // The subscriber may have it before the publisher has the broker's reply.
+    eventually("the publication to be counted", || {
+        publisher.broker.stats().published == 1
+    });
+    let stats = publisher.broker.stats();
+    assert_eq!(
+        (stats.published, stats.dropped, stats.reconnects),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(publisher.events.events(), [BrokerEvent::Connected]);
+}
+
 /// With no broker to drain it, the queue takes publications up to its byte bound and its
 /// message bound, whichever comes first, and drops and counts the rest. (Redis: the engine
 /// does not take from the queue while it has no connection.)

@@ -47,10 +47,12 @@
 //! * **Slow broker, or one that stops reading:** the outbound queue is bounded in messages
 //!   ([`BrokerConfig::max_queued_messages`]) and bytes ([`BrokerConfig::max_queued_bytes`]);
 //!   a publication that does not fit is dropped and counted in [`BrokerStats::dropped`].
-//!   Beyond the queue, only the client library's own bounded buffers and the socket buffers
-//!   hold data. A request that gets no answer within [`BrokerConfig::request_timeout`] counts
-//!   as a lost connection (Redis) or drops the batch it was sending (NATS, whose client
-//!   detects dead connections by its own pings).
+//!   Beyond the queue, only the client library's own bounded buffers (NATS: 512 commands)
+//!   and the socket buffers hold data. A request that gets no answer within
+//!   [`BrokerConfig::request_timeout`] counts as a lost connection (Redis) or drops the batch
+//!   it was sending (NATS, whose client detects dead connections by its own pings). An error
+//!   reply (an ACL that denies a channel, say) drops that batch or change, is logged, and
+//!   keeps the connection.
 //! * **Bad URL:** the [`BrokerConfig`] constructors and `start` return
 //!   [`io::ErrorKind::InvalidInput`] naming the URL (with any password masked).
 //! * **Refused authentication:** `start` makes the engine's first connection attempt

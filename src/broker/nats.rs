@@ -69,7 +69,7 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
                 return;
             }
             broker_log!(
-                "cannot reach {shown}: {e}; retrying every {:?} at most",
+                "cannot reach {shown}: {e}; retrying with backoff up to {:?}",
                 config.retry_max
             );
             let background =

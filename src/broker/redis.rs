@@ -10,12 +10,14 @@
 //! session; the loop backs off, connects afresh, subscribes every live topic, and only then
 //! reports the link up. It must never retry a publication (at-most-once).
 
+use std::future::Future;
+
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::cluster::ClusterClientBuilder;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
     AsyncConnectionConfig, Client, ErrorKind, Pipeline, ProtocolVersion, PushInfo, PushKind,
-    RedisError, ServerErrorKind, Value,
+    RedisError, RedisResult, ServerErrorKind, Value,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -81,41 +83,46 @@ pub(super) async fn run(config: BrokerConfig, url: String, sharded: bool, mut li
     let mut failing = false;
     loop {
         link.absorb_control();
-        let attempt = timeout(
-            config.connect_timeout,
-            Session::open(&config, &url, sharded, &link),
-        );
-        let fault = match attempt.await.unwrap_or(Err(Fault::TimedOut("connecting"))) {
+        let attempt = Session::open(&config, &url, sharded, &link);
+        let outcome = match timeout(config.connect_timeout, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Fault::TimedOut("connecting")),
+        };
+        match outcome {
             Ok(session) => {
                 link.started(Ok(()));
-                backoff.reset();
                 failing = false;
                 link.up();
+                let since = Instant::now();
                 let fault = session.serve(&config, &mut link).await;
                 link.down();
                 if let Fault::Shutdown = fault {
                     return;
                 }
                 broker_log!("lost {shown}: {fault}; reconnecting");
-                continue;
+                // A session that lasted starts the delays afresh; one that ended at once (a
+                // broker that takes connections and drops them) backs off like a failed attempt.
+                if since.elapsed() >= config.retry_max {
+                    backoff.reset();
+                }
             }
-            Err(fault) => fault,
-        };
-        if fault.is_refusal() && link.is_starting() {
-            let message = format!("Redis at {shown} refused the connection: {fault}");
-            link.started(Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                message,
-            )));
-            return;
-        }
-        link.started(Ok(()));
-        if !failing {
-            broker_log!(
-                "cannot reach {shown}: {fault}; retrying every {:?} at most",
-                config.retry_max
-            );
-            failing = true;
+            Err(fault) => {
+                if fault.is_refusal() && link.is_starting() {
+                    let message = format!("Redis at {shown} refused the connection: {fault}");
+                    let refused =
+                        std::io::Error::new(std::io::ErrorKind::PermissionDenied, message);
+                    link.started(Err(refused));
+                    return;
+                }
+                link.started(Ok(()));
+                if !failing {
+                    let most = config.retry_max;
+                    broker_log!(
+                        "cannot reach {shown}: {fault}; retrying with backoff up to {most:?}"
+                    );
+                    failing = true;
+                }
+            }
         }
         // Wait out the delay, keeping the live set current meanwhile.
         let until = Instant::now() + backoff.next_delay();
@@ -135,6 +142,14 @@ struct Session {
 enum Inbound {
     Plain(PubSubStream),
     Cluster(mpsc::UnboundedReceiver<PushInfo>),
+}
+
+/// What became of a published batch.
+struct Published {
+    /// How many the broker took.
+    sent: usize,
+    /// Why it refused the others, when it did.
+    refused: Option<RedisError>,
 }
 
 /// Where commands go out.
@@ -207,6 +222,7 @@ impl Session {
         let mut ping =
             tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refusals = 0;
         loop {
             tokio::select! {
                 message = self.inbound.next() => {
@@ -223,10 +239,10 @@ impl Session {
                 Some(control) = link.control.recv() => {
                     let Some(change) = link.apply(control) else { continue };
                     let request = self.requests.change(&config.prefix, change);
-                    match timeout(config.request_timeout, request).await {
+                    match within("subscription change", config, request).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => return e.into(),
-                        Err(_) => return Fault::TimedOut("subscription change"),
+                        Ok(Err(refusal)) => log_refusal(&mut refusals, &refusal),
+                        Err(fault) => return fault,
                     }
                 }
                 taken = link.queue.recv_many(&mut batch, BATCH) => {
@@ -234,24 +250,55 @@ impl Session {
                         return Fault::Shutdown;
                     }
                     let request = self.requests.publish(&config.prefix, link, &batch);
-                    let result = timeout(config.request_timeout, request).await;
-                    let sent = if matches!(result, Ok(Ok(()))) { batch.len() } else { 0 };
-                    link.settle(&mut batch, sent);
-                    match result {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return e.into(),
-                        Err(_) => return Fault::TimedOut("publish"),
+                    match within("publish", config, request).await {
+                        Ok(Ok(published)) => {
+                            link.settle(&mut batch, published.sent);
+                            if let Some(refusal) = published.refused {
+                                log_refusal(&mut refusals, &refusal);
+                            }
+                        }
+                        Ok(Err(refusal)) => {
+                            link.settle(&mut batch, 0);
+                            log_refusal(&mut refusals, &refusal);
+                        }
+                        Err(fault) => {
+                            link.settle(&mut batch, 0);
+                            return fault;
+                        }
                     }
                 }
                 _ = ping.tick() => {
-                    match timeout(config.request_timeout, self.requests.ping()).await {
+                    match within("ping", config, self.requests.ping()).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => return e.into(),
-                        Err(_) => return Fault::TimedOut("ping"),
+                        Ok(Err(refusal)) => log_refusal(&mut refusals, &refusal),
+                        Err(fault) => return fault,
                     }
                 }
             }
         }
+    }
+}
+
+/// Awaits `request` for at most the request timeout. The outer error is the fault that ends
+/// the session (a failed or silent connection); the inner one an error reply, the server
+/// refusing this request (an ACL that denies the channel, say) on a connection that is fine.
+async fn within<T>(
+    what: &'static str,
+    config: &BrokerConfig,
+    request: impl Future<Output = RedisResult<T>>,
+) -> Result<RedisResult<T>, Fault> {
+    match timeout(config.request_timeout, request).await {
+        Ok(Err(e)) if e.code().is_none() => Err(e.into()),
+        Ok(answer) => Ok(answer),
+        Err(_) => Err(Fault::TimedOut(what)),
+    }
+}
+
+/// Logs the 1st, 2nd, 4th, 8th… refusal of a session, so a denied channel cannot flood the log.
+fn log_refusal(refusals: &mut u64, refusal: &RedisError) {
+    *refusals += 1;
+    if refusals.is_power_of_two() {
+        broker_log!("the broker refused a request ({refusals} so far): {refusal}");
     }
 }
 
@@ -319,44 +366,48 @@ impl Requests {
         prefix: &str,
         link: &Link,
         batch: &[Outbound],
-    ) -> Result<(), RedisError> {
+    ) -> Result<Published, RedisError> {
         let add = |pipe: &mut Pipeline, command: &str, message: &Outbound| {
             let channel = wire::redis_channel(prefix, &message.topic);
             pipe.cmd(command)
                 .arg(channel)
-                .arg(&wire::encode(link.node, &message.payload)[..])
-                .ignore();
+                .arg(&wire::encode(link.node, &message.payload)[..]);
         };
-        match self {
+        // Every command's own result, so one refused command does not hide the others.
+        let replies: Vec<RedisResult<Value>> = match self {
             Requests::Plain { publisher, .. } => {
                 let mut pipe = ::redis::pipe();
                 for message in batch {
                     add(&mut pipe, "PUBLISH", message);
                 }
-                pipe.query_async::<()>(publisher).await
+                pipe.ignore_errors().query_async(publisher).await?
             }
             Requests::Cluster(connection) => {
                 let mut pipes: Vec<(&str, Pipeline)> = Vec::new();
                 for message in batch {
-                    let i = match pipes
+                    let known = pipes
                         .iter()
-                        .position(|(topic, _)| *topic == &*message.topic)
-                    {
-                        Some(i) => i,
-                        None => {
-                            pipes.push((&message.topic, ::redis::pipe()));
-                            pipes.len() - 1
-                        }
-                    };
+                        .position(|(topic, _)| *topic == &*message.topic);
+                    let i = known.unwrap_or_else(|| {
+                        pipes.push((&message.topic, ::redis::pipe()));
+                        pipes.len() - 1
+                    });
                     add(&mut pipes[i].1, "SPUBLISH", message);
                 }
-                let requests = pipes.iter().map(|(_, pipe)| {
+                let requests = pipes.iter_mut().map(|(_, pipe)| {
                     let mut connection = connection.clone();
-                    async move { pipe.query_async::<()>(&mut connection).await }
+                    async move { pipe.ignore_errors().query_async(&mut connection).await }
                 });
-                futures_util::future::try_join_all(requests).await.map(drop)
+                let replies: Vec<Vec<RedisResult<Value>>> =
+                    futures_util::future::try_join_all(requests).await?;
+                replies.into_iter().flatten().collect()
             }
-        }
+        };
+        let sent = replies.iter().filter(|reply| reply.is_ok()).count();
+        Ok(Published {
+            sent,
+            refused: replies.into_iter().find_map(Result::err),
+        })
     }
 
     /// Checks that the broker still answers, on the connection that receives.
