@@ -653,6 +653,52 @@ fn refused_credentials_fail_start(kind: Kind) {
     node.await_connected();
 }
 
+/// With no broker to drain it, the queue takes publications up to its byte bound and its
+/// message bound, whichever comes first, and drops and counts the rest. (Neither engine takes
+/// from the queue while its link is down.)
+fn queue_bounds_messages_and_bytes_while_the_broker_is_down(kind: Kind) {
+    let url = match kind {
+        #[cfg(feature = "redis")]
+        Kind::Redis | Kind::RedisCluster => format!("redis://127.0.0.1:{}", free_port()),
+        #[cfg(feature = "nats")]
+        Kind::Nats => format!("nats://127.0.0.1:{}", free_port()),
+    };
+    let mut config = config_for(kind, &url);
+    config.max_queued_messages = 100;
+    config.max_queued_bytes = 10_000;
+    let broker = Broker::start(config, NodeId::random(), Box::new(|_| {})).unwrap();
+    // 1 + 999 bytes each: 10 fit the byte bound.
+    let big: Vec<bool> = (0..20)
+        .map(|_| broker.publish("t", Bytes::from(vec![0; 999])))
+        .collect();
+    assert!(
+        big[..10].iter().all(|&ok| ok) && big[10..].iter().all(|&ok| !ok),
+        "{big:?}"
+    );
+    let stats = broker.stats();
+    assert_eq!(
+        (stats.queued_messages, stats.queued_bytes, stats.dropped),
+        (10, 10_000, 10)
+    );
+    assert!(
+        !broker.publish("t", Bytes::from_static(b"x")),
+        "one byte over the bound"
+    );
+
+    let mut config = config_for(kind, &url);
+    config.max_queued_messages = 100;
+    let broker = Broker::start(config, NodeId::random(), Box::new(|_| {})).unwrap();
+    let accepted = (0..150)
+        .filter(|_| broker.publish("t", Bytes::from_static(b"small")))
+        .count();
+    let stats = broker.stats();
+    assert_eq!(
+        (accepted, stats.queued_messages, stats.dropped),
+        (100, 100, 50)
+    );
+    assert_eq!(stats.queued_bytes, 600);
+}
+
 // ---- each scenario on each enabled engine ----
 
 macro_rules! on_engine {
@@ -679,6 +725,7 @@ on_engine!(
         broker_absent_at_start_connects_later,
         stalled_broker_drops_beyond_the_bound_and_recovers,
         refused_credentials_fail_start,
+        queue_bounds_messages_and_bytes_while_the_broker_is_down,
     ]
 );
 
@@ -704,6 +751,7 @@ on_engine!(
         broker_absent_at_start_connects_later,
         stalled_broker_drops_beyond_the_bound_and_recovers,
         refused_credentials_fail_start,
+        queue_bounds_messages_and_bytes_while_the_broker_is_down,
     ]
 );
 
@@ -789,47 +837,6 @@ fn redis_acl_refusal_drops_the_publication_and_keeps_the_link() {
         "{stats:?}"
     );
     assert_eq!(publisher.events.events(), [BrokerEvent::Connected]);
-}
-
-/// With no broker to drain it, the queue takes publications up to its byte bound and its
-/// message bound, whichever comes first, and drops and counts the rest. (Redis: the engine
-/// does not take from the queue while it has no connection.)
-#[cfg(feature = "redis")]
-#[test]
-fn queue_bounds_messages_and_bytes_while_the_broker_is_down() {
-    let url = format!("redis://127.0.0.1:{}", free_port());
-    let mut config = BrokerConfig::redis(&url).unwrap();
-    config.max_queued_messages = 100;
-    config.max_queued_bytes = 10_000;
-    let broker = Broker::start(config, NodeId::random(), Box::new(|_| {})).unwrap();
-    // 1 + 999 bytes each: 10 fit the byte bound.
-    let big: Vec<bool> = (0..20)
-        .map(|_| broker.publish("t", Bytes::from(vec![0; 999])))
-        .collect();
-    assert_eq!(big.iter().filter(|&&ok| ok).count(), 10);
-    assert!(big[..10].iter().all(|&ok| ok) && big[10..].iter().all(|&ok| !ok));
-    let stats = broker.stats();
-    assert_eq!(
-        (stats.queued_messages, stats.queued_bytes, stats.dropped),
-        (10, 10_000, 10)
-    );
-    assert!(
-        !broker.publish("t", Bytes::from_static(b"x")),
-        "one byte over the bound"
-    );
-
-    let mut config = BrokerConfig::redis(&url).unwrap();
-    config.max_queued_messages = 100;
-    let broker = Broker::start(config, NodeId::random(), Box::new(|_| {})).unwrap();
-    let accepted = (0..150)
-        .filter(|_| broker.publish("t", Bytes::from_static(b"small")))
-        .count();
-    let stats = broker.stats();
-    assert_eq!(
-        (accepted, stats.queued_messages, stats.dropped),
-        (100, 100, 50)
-    );
-    assert_eq!(stats.queued_bytes, 600);
 }
 
 /// Dropping a handle stops its engine thread even while the broker is unreachable.

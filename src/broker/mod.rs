@@ -16,7 +16,8 @@
 //! [`Broker::publish`] queues a message for every other node. Everything that comes back —
 //! messages from other nodes and changes of the link — reaches the `on_event` callback, on the
 //! engine thread, in order. The callback must not block for long: while it runs, the engine
-//! neither reads nor publishes. Dropping the [`Broker`] stops and joins the engine thread.
+//! neither reads nor publishes; if it panics, the engine thread ends (publications then fill
+//! the queue and are dropped). Dropping the [`Broker`] stops and joins the engine thread.
 //!
 //! # Semantics
 //!
@@ -490,9 +491,11 @@ impl Broker {
         self.node
     }
 
-    /// Queues `payload` for every other node subscribed to `topic`. Never blocks: returns
-    /// `false`, and counts the message in [`BrokerStats::dropped`], when the queue is full (in
-    /// messages or bytes) or the engine has stopped.
+    /// Queues `payload` for every other node subscribed to `topic`. Never blocks, never takes
+    /// a lock: one allocation (the topic) and a push into a lock-free bounded queue, so a shard
+    /// thread may call it. Returns `false`, and counts the message in
+    /// [`BrokerStats::dropped`], when the queue is full (in messages or bytes) or the engine
+    /// has stopped.
     pub fn publish(&self, topic: &str, payload: Bytes) -> bool {
         let size = topic.len() + payload.len();
         let queued = self.shared.queued_bytes.fetch_add(size, Ordering::Relaxed);
@@ -642,6 +645,13 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_is_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Broker>();
+        send_sync::<BrokerEvent>();
+    }
 
     #[test]
     fn redacts_credentials_only() {

@@ -145,7 +145,9 @@ pub(super) async fn run(config: BrokerConfig, url: String, mut link: Link) {
                 }
                 None => {}
             },
-            taken = link.queue.recv_many(&mut batch, BATCH) => {
+            // While the link is down publications wait in the queue, up to its bounds, as
+            // with Redis, rather than in the client's buffer.
+            taken = link.queue.recv_many(&mut batch, BATCH), if connected => {
                 if taken == 0 {
                     return;
                 }
