@@ -168,9 +168,10 @@ impl fmt::Debug for NodeId {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Engine {
-    /// Redis pub/sub. `url` as the `redis` crate takes it: `redis://[[user]:password@]host[:port][/db]`,
-    /// `redis+unix:///path`. With `sharded`, the URL names one node of a Redis Cluster (7.0+)
-    /// and the engine uses sharded pub/sub, `SPUBLISH`/`SSUBSCRIBE`, over RESP3.
+    /// Redis pub/sub. `url` as the `redis` crate takes it:
+    /// `redis://[[user]:password@]host[:port][/db]`, `redis+unix:///path`. With `sharded`, the
+    /// URL names one node of a Redis Cluster (7.0+) and the engine uses sharded pub/sub,
+    /// `SPUBLISH`/`SSUBSCRIBE`, over RESP3.
     #[cfg(feature = "redis")]
     Redis {
         /// The server's URL.

@@ -231,8 +231,8 @@ impl Session {
                         Ok(None) => continue,
                         Err(fault) => return fault,
                     };
-                    let topic = wire::redis_topic(&config.prefix, &channel).and_then(|t| link.live_topic(t));
-                    if let Some(topic) = topic {
+                    let name = wire::redis_topic(&config.prefix, &channel);
+                    if let Some(topic) = name.and_then(|name| link.live_topic(name)) {
                         link.deliver(topic, payload);
                     }
                 }
