@@ -2,6 +2,8 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub mod broker;
 pub mod proto;
 mod runtime;
 pub mod server;
