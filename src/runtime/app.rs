@@ -200,10 +200,13 @@ impl Ctx {
         }
     }
 
-    /// Publishes a ready frame: other shards get it by message, local subscribers after the
-    /// callback.
+    /// Publishes a ready frame: other nodes through the uplink, other shards by message,
+    /// local subscribers after the callback.
     pub fn publish(&mut self, topic: &str, frame: Bytes) {
         let key = self.topics.key(topic);
+        if let Some(uplink) = self.topics.uplink() {
+            uplink.publish(&key, &frame);
+        }
         for mailbox in self.mailboxes.iter().filter(|m| m.id != self.shard) {
             mailbox.post(Command::Publish {
                 topic: Arc::clone(&key),

@@ -17,6 +17,7 @@ use super::app::App;
 use super::command::{Command, Mailbox, Posted};
 use super::config::{ShardConfig, ShardFailure};
 use super::fault;
+use super::pubsub::Uplink;
 use super::setup::RingGate;
 use super::shard::Shard;
 use super::signal::SignalWatch;
@@ -39,8 +40,8 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    /// Starts one shard per listener (`cpus[i]`: the CPU to pin shard `i` to) and returns
-    /// once each has its ring up.
+    /// Starts one shard per listener (`cpus[i]`: the CPU to pin shard `i` to), with the
+    /// uplink to other nodes if one is given, and returns once each has its ring up.
     ///
     /// # Errors
     /// The first shard's start error (io_uring unavailable, ...); every shard that did start
@@ -50,6 +51,7 @@ impl Fleet {
         config: ShardConfig,
         listeners: Vec<OwnedFd>,
         cpus: Vec<Option<usize>>,
+        uplink: Option<Arc<dyn Uplink>>,
     ) -> io::Result<Fleet> {
         fault::install_hook();
         let count = listeners.len();
@@ -69,6 +71,7 @@ impl Fleet {
                 gate.arrive(false);
                 continue;
             }
+            let uplink = uplink.clone();
             let (app, config, all, tx, ring_gate, exited) = (
                 Arc::clone(&app),
                 Arc::clone(&config),
@@ -86,8 +89,15 @@ impl Fleet {
                     }
                     let mailbox = Arc::clone(&all[index]);
                     let on_failure = config.on_failure;
-                    let shard =
-                        Shard::new(app, config, Arc::clone(&all), index, listener, &ring_gate);
+                    let shard = Shard::new(
+                        app,
+                        config,
+                        Arc::clone(&all),
+                        index,
+                        listener,
+                        &ring_gate,
+                        uplink,
+                    );
                     let failure = match shard {
                         Ok(shard) => {
                             let _ = tx.send(Ok(()));

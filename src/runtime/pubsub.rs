@@ -1,6 +1,8 @@
 //! Publish/subscribe within a shard: which local connections subscribed to which topic, and
 //! the fan-out of one encoded frame to them. Other shards get a publish as a command carrying
-//! the same shared frame (see [`super::app::Ctx::publish`]).
+//! the same shared frame (see [`super::app::Ctx::publish`]); other nodes, when a broker is
+//! configured, through the [`Uplink`], which hears of a shard's first and last subscriber of
+//! each topic and of every local publication.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,14 +13,42 @@ use super::app::Link;
 use super::conn::Conn;
 use super::slab::{ConnId, Slab};
 
+/// Publish/subscribe beyond this process, as a shard sees it (the server implements it over
+/// a broker). Called on shard threads: implementations must not block.
+pub(crate) trait Uplink: Send + Sync {
+    /// Shard `shard` has its first local subscriber of `topic`.
+    fn joined(&self, shard: usize, topic: &Arc<str>);
+    /// Shard `shard` lost its last local subscriber of `topic`.
+    fn left(&self, shard: usize, topic: &Arc<str>);
+    /// A publication made on this node; `frame` is the encoded WebSocket frame.
+    fn publish(&self, topic: &Arc<str>, frame: &Bytes);
+}
+
 /// A shard's subscriptions: topic → subscribers, and each connection keeps its own topics
 /// (in its [`Link`]) so a closing connection unsubscribes from exactly those.
-#[derive(Default)]
 pub(crate) struct Topics {
     map: HashMap<Arc<str>, Vec<ConnId>>,
+    /// The shard these are on (for the uplink).
+    shard: usize,
+    /// Other nodes, if a broker is configured.
+    uplink: Option<Arc<dyn Uplink>>,
 }
 
 impl Topics {
+    /// No subscriptions yet on shard `shard`.
+    pub fn new(shard: usize, uplink: Option<Arc<dyn Uplink>>) -> Topics {
+        Topics {
+            map: HashMap::new(),
+            shard,
+            uplink,
+        }
+    }
+
+    /// The uplink to other nodes, if any.
+    pub fn uplink(&self) -> Option<&Arc<dyn Uplink>> {
+        self.uplink.as_ref()
+    }
+
     /// The shared key for `topic` (the existing one, so topic strings are not repeated).
     pub fn key(&self, topic: &str) -> Arc<str> {
         match self.map.get_key_value(topic) {
@@ -33,7 +63,13 @@ impl Topics {
             return false;
         }
         let key = self.key(topic);
-        self.map.entry(Arc::clone(&key)).or_default().push(link.id);
+        let subscribers = self.map.entry(Arc::clone(&key)).or_default();
+        subscribers.push(link.id);
+        if subscribers.len() == 1 {
+            if let Some(uplink) = &self.uplink {
+                uplink.joined(self.shard, &key);
+            }
+        }
         link.topics.push(key);
         true
     }
@@ -55,11 +91,14 @@ impl Topics {
         }
     }
 
-    fn remove(&mut self, topic: &str, id: ConnId) {
+    fn remove(&mut self, topic: &Arc<str>, id: ConnId) {
         if let Some(subs) = self.map.get_mut(topic) {
             subs.retain(|&s| s != id);
             if subs.is_empty() {
                 self.map.remove(topic);
+                if let Some(uplink) = &self.uplink {
+                    uplink.left(self.shard, topic);
+                }
             }
         }
     }

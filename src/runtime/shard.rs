@@ -27,7 +27,7 @@ use super::command::{Command, Mailbox};
 use super::config::{millis, ShardConfig};
 use super::conn::{Conn, Phase, Recv};
 use super::fault;
-use super::pubsub::{self, Topics};
+use super::pubsub::{self, Topics, Uplink};
 use super::ring::{Cqe, Ring, TimerBuf, WordBuf};
 use super::setup::{self, RingGate};
 use super::slab::{ConnId, Slab};
@@ -120,6 +120,7 @@ impl<A: App> Shard<A> {
         index: usize,
         listener: OwnedFd,
         gate: &RingGate,
+        uplink: Option<Arc<dyn Uplink>>,
     ) -> io::Result<Shard<A>> {
         let ready = setup::open_ring(&config.buffers, index, gate)?;
         let t = config.timeouts;
@@ -149,7 +150,7 @@ impl<A: App> Shard<A> {
                     high_water_mark: b.high_water_mark,
                     max_buffered: b.max_buffered,
                 },
-                topics: Topics::default(),
+                topics: Topics::new(index, uplink),
                 publishes: Vec::new(),
                 touched: Vec::new(),
             },

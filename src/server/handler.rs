@@ -48,6 +48,25 @@ impl Upgrade {
     }
 }
 
+/// What a node learns about its link to the broker (see `Builder::broker`, features `redis`
+/// and `nats`), reported to [`Handler::on_broker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrokerNotice {
+    /// The link is up (the first time, and after every reconnect).
+    Connected,
+    /// The link is down; the node keeps serving local traffic and reconnects with backoff.
+    /// Publications meanwhile wait in a bounded queue, and what does not fit is dropped.
+    Disconnected,
+    /// After a reconnect: every topic with local subscribers is subscribed again. With `gap`,
+    /// messages other nodes published while the link was down were missed (Redis pub/sub and
+    /// NATS core keep no history): resync whatever state you derive from them.
+    Resubscribed {
+        /// Messages may have been missed.
+        gap: bool,
+    },
+}
+
 /// A plain HTTP response for a request that is not an upgrade (see [`Handler::on_http`]).
 /// The connection is closed after it is sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,6 +196,13 @@ pub trait Handler: Send + Sync + 'static {
     /// ended without a close handshake. Sends report [`crate::server::SendStatus::Closed`] from here on.
     fn on_close(&self, ws: &mut Ws<'_, Self::State>, code: Option<CloseCode>, reason: &str) {
         let _ = (ws, code, reason);
+    }
+
+    /// The link to the broker changed (only with `Builder::broker`). Called on the broker's
+    /// own thread, not a shard: keep it short, and reach connections through a
+    /// [`crate::server::ServerHandle`] or [`crate::server::Remote`] you kept.
+    fn on_broker(&self, notice: BrokerNotice) {
+        let _ = notice;
     }
 
     /// A request that is not a WebSocket upgrade. `None` answers 426 Upgrade Required.

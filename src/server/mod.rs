@@ -22,6 +22,8 @@
 //! ```
 
 mod adapter;
+#[cfg(any(feature = "redis", feature = "nats"))]
+mod cluster;
 mod config;
 mod handler;
 mod ws;
@@ -34,7 +36,7 @@ use std::time::Duration;
 
 use self::adapter::HandlerApp;
 pub use self::config::{Buffers, Config, DeflateConfig, Limits, ShardFailure, Timeouts};
-pub use self::handler::{Handler, HttpResponse, Message, Upgrade};
+pub use self::handler::{BrokerNotice, Handler, HttpResponse, Message, Upgrade};
 pub use self::ws::{Remote, Ws};
 use crate::runtime::command::Command;
 use crate::runtime::config::ShardConfig;
@@ -47,6 +49,8 @@ pub use crate::runtime::SendStatus;
 pub struct Builder {
     config: Config,
     addr_error: Option<String>,
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    broker: Option<crate::broker::BrokerConfig>,
 }
 
 impl Builder {
@@ -143,6 +147,15 @@ impl Builder {
         self
     }
 
+    /// Connects this server to a broker, so `publish` reaches the subscribers of every node
+    /// on it (features `redis`, `nats`; see "Running more than one node" in the README).
+    /// Without one, publish/subscribe stays within this process and costs nothing more.
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    pub fn broker(mut self, config: crate::broker::BrokerConfig) -> Builder {
+        self.broker = Some(config);
+        self
+    }
+
     /// Any other setting.
     pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Builder {
         f(&mut self.config);
@@ -198,9 +211,33 @@ impl<H: Handler> Server<H> {
             on_failure: config.on_shard_failure,
             hooks: config.testing,
         };
-        let fleet = Fleet::start(self.app, shard_config, listeners, pins)?;
+        #[cfg(any(feature = "redis", feature = "nats"))]
+        let cluster = match self.builder.broker {
+            Some(broker) => Some(cluster::Cluster::start(
+                broker,
+                count,
+                Arc::clone(&self.app),
+            )?),
+            None => None,
+        };
+        #[cfg(any(feature = "redis", feature = "nats"))]
+        let uplink = cluster
+            .clone()
+            .map(|c| c as Arc<dyn crate::runtime::pubsub::Uplink>);
+        #[cfg(not(any(feature = "redis", feature = "nats")))]
+        let uplink = None;
+        let fleet = Fleet::start(self.app, shard_config, listeners, pins, uplink)?;
+        #[cfg(any(feature = "redis", feature = "nats"))]
+        if let Some(cluster) = &cluster {
+            cluster.attach(fleet.mailboxes());
+        }
         Ok(ServerHandle {
-            inner: Arc::new(Inner { fleet, local_addr }),
+            inner: Arc::new(Inner {
+                fleet,
+                local_addr,
+                #[cfg(any(feature = "redis", feature = "nats"))]
+                cluster,
+            }),
         })
     }
 
@@ -235,6 +272,9 @@ fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
 struct Inner {
     fleet: Fleet,
     local_addr: SocketAddr,
+    /// The link to other nodes, with a broker configured.
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A `Send + Clone` handle to a running server: address, stats, broadcast, shutdown.
@@ -283,11 +323,17 @@ impl ServerHandle {
         }
     }
 
-    /// Sends a message to every subscriber of `topic` on every shard (encoded once).
-    /// Shards whose command queue is full miss it: the result counts the shards that took it.
+    /// Sends a message to every subscriber of `topic` on every shard (encoded once), and on
+    /// every other node with a broker configured. Shards whose command queue is full miss it:
+    /// the result counts the local shards that took it.
     pub fn publish(&self, topic: &str, msg: Message<'_>) -> usize {
         let frame = ws::encode_shared(msg);
         let topic: Arc<str> = Arc::from(topic);
+        #[cfg(any(feature = "redis", feature = "nats"))]
+        if let Some(cluster) = &self.inner.cluster {
+            use crate::runtime::pubsub::Uplink;
+            cluster.publish(&topic, &frame);
+        }
         self.inner.fleet.post_all(|| Command::Publish {
             topic: Arc::clone(&topic),
             frame: frame.clone(),
@@ -344,6 +390,12 @@ impl ServerHandle {
     /// When the signal handlers cannot be installed, or a shard failed.
     pub fn run_until_signal(&self) -> io::Result<()> {
         self.inner.fleet.run_until_signal()
+    }
+
+    /// The broker link's counters (`None` without [`Builder::broker`]).
+    #[cfg(any(feature = "redis", feature = "nats"))]
+    pub fn broker_stats(&self) -> Option<crate::broker::BrokerStats> {
+        self.inner.cluster.as_ref().map(|c| c.stats())
     }
 
     /// Test hook: makes shard `shard` panic in its own code, as a bug in ringsock would.
