@@ -115,6 +115,10 @@ impl Mailbox {
         }
         let was_empty = {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // Checked again under the lock: `stop` clears the queue under it.
+            if self.is_stopped() {
+                return Posted::Stopped;
+            }
             if command.bounded() && queue.len() >= self.capacity {
                 drop(queue);
                 self.refused.fetch_add(1, Ordering::Relaxed);
@@ -145,9 +149,12 @@ impl Mailbox {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Updates the live connection count.
+    /// Updates the live connection count (a store only when it changed: the cache line is
+    /// shared with threads that post).
     pub fn set_connections(&self, n: usize) {
-        self.connections.store(n, Ordering::Relaxed);
+        if self.connections.load(Ordering::Relaxed) != n {
+            self.connections.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Counts a handler panic.
@@ -171,8 +178,9 @@ impl Mailbox {
         if let Some(why) = failure {
             *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         }
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         self.stopped.store(true, Ordering::Release);
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        queue.clear();
     }
 
     /// Whether the shard has stopped.

@@ -2,6 +2,7 @@
 //! code costs its connection, never the shard. The panic message is captured by a panic hook
 //! (chained in front of whatever hook the process has) and handed to the shard, which logs
 //! it once with the peer's address; panics anywhere else go to the previous hook as before.
+//! A panic inside a callback that the application catches itself is not printed either.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -34,6 +35,11 @@ pub(crate) fn install_hook() {
 /// Runs `f`; a panic inside it is caught and its message returned.
 #[inline]
 pub(crate) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // A panic the application caught itself leaves its message here: forget it, so it is
+    // not reported for a later `resume_unwind` (which skips the hook).
+    if MESSAGE.with_borrow(Option::is_some) {
+        MESSAGE.set(None);
+    }
     let outer = GUARDED.replace(true);
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     GUARDED.set(outer);

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -29,6 +30,31 @@ struct ExitSignal(RawFd);
 impl Drop for ExitSignal {
     fn drop(&mut self) {
         sys::close(self.0);
+    }
+}
+
+/// Marks a shard's end when its thread finishes, however it finishes: the mailbox is
+/// stopped with the failure, if any; under [`ShardFailure::ShutDown`] a failure asks every
+/// other shard to shut down; whoever waits on the fleet is woken.
+struct Finish {
+    policy: ShardFailure,
+    all: Arc<[Arc<Mailbox>]>,
+    index: usize,
+    exited: Arc<ExitSignal>,
+    failure: Option<String>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let failure = self.failure.take();
+        let failed = failure.is_some();
+        self.all[self.index].stop(failure);
+        if failed && self.policy == ShardFailure::ShutDown {
+            for other in self.all.iter() {
+                other.post(Command::Shutdown);
+            }
+        }
+        sys::wake(self.exited.0);
     }
 }
 
@@ -87,8 +113,14 @@ impl Fleet {
                     if let Some(cpu) = cpu {
                         let _ = sys::pin_to_cpu(cpu);
                     }
-                    let mailbox = Arc::clone(&all[index]);
-                    let on_failure = config.on_failure;
+                    // Reports the end of the thread on every path, a panic included.
+                    let mut finish = Finish {
+                        policy: config.on_failure,
+                        all: Arc::clone(&all),
+                        index,
+                        exited,
+                        failure: Some("the shard thread ended unexpectedly".to_owned()),
+                    };
                     let shard = Shard::new(
                         app,
                         config,
@@ -98,27 +130,26 @@ impl Fleet {
                         &ring_gate,
                         uplink,
                     );
-                    let failure = match shard {
+                    match shard {
                         Ok(shard) => {
                             let _ = tx.send(Ok(()));
                             drop(tx);
-                            shard.run()
+                            // `run` catches its own panics; this one also covers the drop
+                            // of what is left of the shard.
+                            let run = panic::catch_unwind(AssertUnwindSafe(move || shard.run()));
+                            finish.failure = match run {
+                                Ok(failure) => failure,
+                                Err(payload) => {
+                                    Some(format!("panicked: {}", fault::payload_message(&*payload)))
+                                }
+                            };
                         }
                         Err(e) => {
-                            mailbox.stop(None);
+                            // Not started: `Fleet::start` reports it.
+                            finish.failure = None;
                             let _ = tx.send(Err(e));
-                            sys::wake(exited.0);
-                            return;
-                        }
-                    };
-                    let failed = failure.is_some();
-                    mailbox.stop(failure);
-                    if failed && on_failure == ShardFailure::ShutDown {
-                        for other in all.iter() {
-                            other.post(Command::Shutdown);
                         }
                     }
-                    sys::wake(exited.0);
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
@@ -179,10 +210,13 @@ impl Fleet {
     /// # Errors
     /// When a shard failed (a ringsock bug, or a ring that broke): the server is not whole.
     pub fn wait(&self) -> io::Result<()> {
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for thread in threads {
+        // The lock is held across the joins, so a second waiter returns only once every
+        // shard has exited too.
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for thread in threads.drain(..) {
             let _ = thread.join();
         }
+        drop(threads);
         self.failure()
     }
 

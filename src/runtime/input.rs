@@ -17,13 +17,13 @@ use crate::proto::{Connection, Event, OpCode, State};
 
 impl<A: App> Shard<A> {
     /// A receive completed: data, the peer's FIN, or the end of a (cancelled) receive.
-    pub(super) fn on_recv(&mut self, cqe: &Cqe) {
+    pub(super) fn on_recv(&mut self, cqe: Cqe) {
         let token = Token::from_raw(cqe.user_data());
         let Shard { ring, core, .. } = self;
         let have_bufs = ring.has_buf_ring();
         // Take the provided buffer first, even for a stale completion, so it is recycled.
         let mut guard = if cqe.buffer_id().is_some() {
-            ring.take_buffer(cqe)
+            ring.take_buffer(&cqe)
         } else {
             None
         };
@@ -42,16 +42,14 @@ impl<A: App> Shard<A> {
             if let Some(guard) = guard.as_mut() {
                 core.on_received(slot, guard.bytes());
             } else if let Some(mut buf) = c.recv_buf.take() {
-                core.on_received(slot, buf.complete(res as usize));
+                core.on_received(slot, buf.complete(cqe));
                 if let Some(c) = core.conns.at(slot) {
                     c.recv_buf = Some(buf);
                 }
             }
         } else {
-            if let Some(buf) = c.recv_buf.as_mut() {
-                if buf.in_flight() {
-                    buf.complete(0);
-                }
+            if let Some(buf) = c.recv_buf.as_mut().filter(|b| b.in_flight()) {
+                buf.complete(cqe);
             }
             match -res {
                 0 => {

@@ -200,11 +200,13 @@ impl<A: App> Shard<A> {
         loop {
             self.ring.submit_and_wait(1)?;
             self.core.now = millis(self.start.elapsed());
-            let cqes = self.ring.reap();
+            let mut cqes = self.ring.reap();
             let mut result = Ok(());
-            for cqe in &cqes {
+            for cqe in cqes.drain(..) {
                 result = self.dispatch(cqe);
                 if result.is_err() {
+                    // The rest are dropped unhandled: their buffers stay marked in flight and
+                    // are leaked, never freed, as the shard closes.
                     break;
                 }
             }
@@ -278,17 +280,18 @@ impl<A: App> Shard<A> {
     /// checks their buffers back in, and frees every connection (`on_close` 1006 for those
     /// that were open).
     fn exit(&mut self) {
+        // Shut the listener down first: that takes it out of the SO_REUSEPORT group even if
+        // the accept in flight (which holds a reference) could not be cancelled.
+        self.close_listener();
         let cancelled = self.ring.cancel_all();
-        // The cancelled accept dropped its reference: closing the last one unlistens.
-        self.listener = None;
-        let cqes = self.ring.reap();
-        for cqe in &cqes {
+        let mut cqes = self.ring.reap();
+        for cqe in cqes.drain(..) {
             let token = Token::from_raw(cqe.user_data());
             match token.op() {
                 Some(Op::Wake) => {
-                    self.wake.complete();
+                    self.wake.complete(cqe);
                 }
-                Some(Op::Timer) => self.timer.complete(),
+                Some(Op::Timer) => self.timer.complete(cqe),
                 Some(Op::Accept) if cqe.result() >= 0 => {
                     // SAFETY: a successful accept's result is a new descriptor that nothing
                     // else owns; each completion is handled once. Dropping it closes it.
@@ -296,17 +299,17 @@ impl<A: App> Shard<A> {
                 }
                 Some(Op::Send) => {
                     if let Some(c) = self.core.conns.by_token(token) {
-                        c.send.complete(0, 0);
+                        c.send.complete(cqe, 0);
                     }
                 }
                 Some(Op::Recv) => {
-                    drop(self.ring.take_buffer(cqe));
+                    drop(self.ring.take_buffer(&cqe));
                     if let Some(c) = self.core.conns.by_token(token) {
-                        if let Some(buf) = c.recv_buf.as_mut() {
-                            buf.complete(0);
-                        }
                         if !cqe.more() {
                             c.recv = Recv::Idle;
+                        }
+                        if let Some(buf) = c.recv_buf.as_mut().filter(|b| b.in_flight()) {
+                            buf.complete(cqe);
                         }
                     }
                 }
@@ -335,12 +338,12 @@ impl<A: App> Shard<A> {
         self.core.mailbox.set_connections(0);
     }
 
-    fn dispatch(&mut self, cqe: &Cqe) -> io::Result<()> {
+    fn dispatch(&mut self, cqe: Cqe) -> io::Result<()> {
         let token = Token::from_raw(cqe.user_data());
         match token.op() {
-            Some(Op::Accept) => self.on_accept(cqe),
+            Some(Op::Accept) => self.on_accept(&cqe),
             Some(Op::Recv) => self.on_recv(cqe),
-            Some(Op::Send) => self.core.on_sent(token, cqe.result()),
+            Some(Op::Send) => self.core.on_sent(token, cqe),
             Some(Op::Cancel) => {
                 let core = &mut self.core;
                 if let Some(c) = core.conns.by_token(token) {
@@ -349,12 +352,12 @@ impl<A: App> Shard<A> {
                 }
             }
             Some(Op::Wake) => {
-                self.wake.complete();
+                self.wake.complete(cqe);
                 self.on_commands();
                 self.rearm(Op::Wake)?;
             }
             Some(Op::Timer) => {
-                self.timer.complete();
+                self.timer.complete(cqe);
                 self.on_tick();
                 self.rearm(Op::Timer)?;
             }
@@ -397,6 +400,14 @@ impl<A: App> Shard<A> {
         }
         if !self.accept.armed && !self.core.shutting_down {
             self.rearm_accept();
+        }
+    }
+
+    /// Shuts the listener down (new connections go to the other shards' listeners; the
+    /// multishot accept ends) and closes it.
+    fn close_listener(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            sys::shutdown(listener.as_raw_fd(), false);
         }
     }
 
@@ -456,16 +467,15 @@ impl<A: App> Shard<A> {
             return;
         }
         debug_log!("shard {}: shutting down", self.core.ctx.shard);
-        let core = &mut self.core;
-        core.shutting_down = true;
-        core.shutdown_deadline = core.now.saturating_add(core.close_ms);
         if self.accept.armed {
             let target = Token::shard(Op::Accept).raw();
             let _ = self.ring.cancel(target, 0);
         }
-        // The accept in flight holds its own reference; new connections are refused once
-        // its cancellation completes.
-        self.listener = None;
+        // Out of the SO_REUSEPORT group now, though the accept in flight holds a reference.
+        self.close_listener();
+        let core = &mut self.core;
+        core.shutting_down = true;
+        core.shutdown_deadline = core.now.saturating_add(core.close_ms);
         let (now, close_ms) = (core.now, core.close_ms);
         for slot in 0..core.conns.end() {
             let Some(c) = core.conns.at(slot) else {
@@ -522,14 +532,13 @@ impl<A: App> Core<A> {
 
     /// A send completed: check the buffer back in; an error or a zero-byte write ends the
     /// connection.
-    fn on_sent(&mut self, token: Token, res: i32) {
+    fn on_sent(&mut self, token: Token, cqe: Cqe) {
         let Some(c) = self.conns.by_token(token) else {
             return;
         };
         // Large vectors are kept while the connection is busy; the sweep frees them once it
         // is quiet (see `Conn::shrink`).
-        c.send
-            .complete(usize::try_from(res).unwrap_or(0), usize::MAX);
+        let res = c.send.complete(cqe, usize::MAX);
         c.link.in_flight = c.send.remaining();
         if res < 0 && !c.is_dead() {
             debug_log!("send failed: {}", io::Error::from_raw_os_error(-res));
@@ -552,7 +561,8 @@ impl<A: App> Core<A> {
             return;
         };
         let Some(ws) = c.ws.as_mut() else { return };
-        if ws.poisoned {
+        // After a panic only on_close; after on_close nothing (it comes last).
+        if ws.poisoned || c.link.notified {
             return;
         }
         let session = Session {
@@ -579,7 +589,7 @@ impl<A: App> Core<A> {
         if let Some(gone) = &c.link.gone {
             gone.store(true, std::sync::atomic::Ordering::Release);
         }
-        if let Some(ws) = c.ws.as_mut() {
+        if let Some(mut ws) = c.ws.take() {
             if !c.link.notified {
                 c.link.notified = true;
                 let session = Session {
@@ -591,18 +601,27 @@ impl<A: App> Core<A> {
                 let app = &*self.app;
                 let closed = fault::guard(|| app.close(session, Some(CloseCode::ABNORMAL), ""));
                 if let Err(message) = closed {
-                    self.mailbox.count_panic();
-                    warn_log!(
-                        "shard {}: handler panicked in on_close (connection from {}): {message}",
-                        self.ctx.shard,
-                        c.link.peer
-                    );
+                    self.report_panic("on_close", &c.link, &message);
                 }
+            }
+            // The application's state is dropped here too: its Drop is application code.
+            if let Err(message) = fault::guard(move || drop(ws)) {
+                self.report_panic("the drop of its state", &c.link, &message);
             }
         }
         self.ctx.topics.remove_all(&mut c.link);
         c.send.discard();
         // Dropping `c` closes the socket.
+    }
+
+    /// Counts and logs a handler panic on a connection that is going away anyway.
+    fn report_panic(&self, what: &str, link: &super::app::Link, message: &str) {
+        self.mailbox.count_panic();
+        warn_log!(
+            "shard {}: handler panicked in {what} (connection from {}): {message}",
+            self.ctx.shard,
+            link.peer
+        );
     }
 
     /// A message from another thread for one connection.

@@ -19,6 +19,9 @@ static FDS: [AtomicI32; SLOTS] = [const { AtomicI32::new(-1) }; SLOTS];
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn handle_signal(signal: libc::c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot; write(2) below may change
+    // it, and the interrupted code must find it as it was.
+    let saved_errno = unsafe { *libc::__errno_location() };
     RUNNING.fetch_add(1, Ordering::SeqCst);
     let mut woke = false;
     for slot in &FDS {
@@ -37,6 +40,8 @@ extern "C" fn handle_signal(signal: libc::c_int) {
             libc::raise(signal);
         }
     }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
 }
 
 /// One server's registration: its eventfd becomes readable on SIGINT or SIGTERM.

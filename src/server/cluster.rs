@@ -40,11 +40,15 @@ impl Routes {
         let Some(mailboxes) = self.mailboxes.get() else {
             return;
         };
-        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(shards) = topics.get(&topic) else {
-            return;
+        // Copy the shard flags, so shards that (un)subscribe do not wait on our posts.
+        let shards = {
+            let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            match topics.get(&topic) {
+                Some(shards) => shards.clone(),
+                None => return,
+            }
         };
-        for (mailbox, _) in mailboxes.iter().zip(shards).filter(|(_, &on)| on) {
+        for (mailbox, _) in mailboxes.iter().zip(&shards).filter(|(_, &on)| on) {
             mailbox.post(Command::Publish {
                 topic: Arc::clone(&topic),
                 frame: frame.clone(),

@@ -26,6 +26,9 @@ pub(crate) struct BufRing {
     tail: u16,
     /// Which buffers the application holds (handed out by a completion, not yet returned).
     checked_out: Vec<bool>,
+    /// Which buffers a reaped completion handed over and nobody took yet: only these can be
+    /// taken, once each.
+    delivered: Vec<bool>,
 }
 
 impl BufRing {
@@ -70,6 +73,7 @@ impl BufRing {
             group,
             tail: 0,
             checked_out: vec![true; usize::from(entries)],
+            delivered: vec![false; usize::from(entries)],
         })
     }
 
@@ -91,17 +95,26 @@ impl BufRing {
         self.publish();
     }
 
+    /// A reaped completion handed buffer `bid` over (called by the ring as it reaps).
+    pub(super) fn delivered(&mut self, bid: u16) {
+        if let Some(flag) = self.delivered.get_mut(usize::from(bid)) {
+            *flag = true;
+        }
+    }
+
     /// Takes the buffer a receive completion filled, `len` bytes of it. Returns `None` if the
-    /// completion names no buffer (or one already taken, which the kernel never does).
-    /// The buffer goes back to the kernel when the returned guard drops.
+    /// completion names no buffer, or one not handed over by a reaped completion, or one
+    /// already taken. The buffer goes back to the kernel when the returned guard drops.
     pub fn take(&mut self, cqe: &Cqe) -> Option<RecvBuffer<'_>> {
         let bid = cqe.buffer_id()?;
-        let len = usize::try_from(cqe.result()).ok()?.min(self.size);
-        let taken = self.checked_out.get_mut(usize::from(bid))?;
-        if *taken {
+        let index = usize::from(bid);
+        let delivered = self.delivered.get_mut(index)?;
+        if !*delivered || self.checked_out[index] {
             return None;
         }
-        *taken = true;
+        *delivered = false;
+        self.checked_out[index] = true;
+        let len = usize::try_from(cqe.result()).unwrap_or(0).min(self.size);
         Some(RecvBuffer {
             ring: self,
             bid,
@@ -199,13 +212,23 @@ mod tests {
         bufs.offer_all();
         let flags = (2u32 << 16) | 1; // IORING_CQE_F_BUFFER with buffer id 2
         let cqe = Cqe::new(0, 10, flags);
+        assert!(
+            bufs.take(&cqe).is_none(),
+            "not handed over by a reaped completion"
+        );
+        bufs.delivered(2);
         let mut guard = bufs.take(&cqe).expect("buffer 2 is handed out");
         assert_eq!(guard.bytes().len(), 10);
         guard.bytes().fill(7);
         drop(guard);
         assert!(!bufs.checked_out[2], "returned on drop");
         assert_eq!(bufs.tail, 5, "and queued at the tail");
+        assert!(
+            bufs.take(&cqe).is_none(),
+            "a completion takes its buffer once"
+        );
         assert!(bufs.take(&Cqe::new(0, 10, 0)).is_none(), "no buffer flag");
+        bufs.delivered(2);
         let too_long = Cqe::new(0, 1000, flags);
         assert_eq!(
             bufs.take(&too_long).unwrap().bytes().len(),

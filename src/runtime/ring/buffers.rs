@@ -1,19 +1,26 @@
-//! Memory that one operation lends to the kernel: each type marks itself in flight when its
-//! operation is pushed, offers no access to the memory through its safe API until the
-//! completion checks it back in, and leaks the memory instead of freeing it if dropped while
-//! still in flight (so a shard that dies with operations pending cannot free memory the
-//! kernel may still write).
+//! Memory that one operation lends to the kernel: each type marks itself in flight (and
+//! records the operation's `user_data`) when its operation is pushed, offers no access to the
+//! memory through its safe API until that operation's own completion is handed back — a
+//! [`Cqe`] is neither `Copy` nor `Clone`, so each completion checks in exactly once — and
+//! leaks the memory instead of freeing it if dropped while still in flight (so a shard that
+//! dies with operations pending cannot free memory the kernel may still write).
+
+use std::ptr::NonNull;
 
 use io_uring::types::Timespec;
 
+use super::Cqe;
+
 /// Bytes on their way to a socket. [`SendBuf::load`] takes a connection's corked output by
-/// swapping vectors (no copy); once submitted the bytes stay untouched until
-/// [`SendBuf::complete`] says how many were written.
+/// swapping vectors (no copy); once submitted the bytes stay untouched until the send's own
+/// completion is handed to [`SendBuf::complete`].
 #[derive(Default)]
 pub(crate) struct SendBuf {
     pub(super) data: Vec<u8>,
     pub(super) pos: usize,
     pub(super) in_flight: bool,
+    /// The `user_data` of the send in flight.
+    pub(super) user_data: u64,
 }
 
 impl SendBuf {
@@ -43,10 +50,19 @@ impl SendBuf {
         self.pos = 0;
     }
 
-    /// Checks a completed send back in: `written` bytes went out (0 on error). Once all are
-    /// out the vector is cleared, and dropped if it grew past `keep` bytes.
-    pub fn complete(&mut self, written: usize, keep: usize) {
+    /// Checks the send back in with its completion and returns the result (bytes written or
+    /// `-errno`). Once all bytes are out the vector is cleared, and dropped if it grew past
+    /// `keep` bytes.
+    ///
+    /// # Panics
+    /// If `cqe` is not the completion of this buffer's send in flight (a driver bug).
+    pub fn complete(&mut self, cqe: Cqe, keep: usize) -> i32 {
+        assert!(
+            self.in_flight && cqe.user_data == self.user_data,
+            "send buffer checked in with another operation's completion"
+        );
         self.in_flight = false;
+        let written = usize::try_from(cqe.result).unwrap_or(0);
         self.pos = self.pos.saturating_add(written).min(self.data.len());
         if self.pos == self.data.len() {
             self.data.clear();
@@ -55,6 +71,7 @@ impl SendBuf {
                 self.data = Vec::new();
             }
         }
+        cqe.result
     }
 
     /// Frees the vector if nothing is loaded and it grew past `keep` bytes. Called for quiet
@@ -85,17 +102,31 @@ impl Drop for SendBuf {
 }
 
 /// A per-connection receive buffer for single-shot receives (the no-buffer-ring fallback).
+/// The memory is held as a raw allocation, so moving the `RecvBuf` (the connection slab
+/// grows) never asserts unique access to bytes the kernel is writing.
 pub(crate) struct RecvBuf {
-    pub(super) data: Box<[u8]>,
+    pub(super) ptr: NonNull<u8>,
+    pub(super) len: usize,
     pub(super) in_flight: bool,
+    /// The `user_data` of the receive in flight.
+    pub(super) user_data: u64,
 }
 
+// SAFETY: RecvBuf owns its allocation like a Box<[u8]> does; it is only ever used by the
+// thread that owns it.
+unsafe impl Send for RecvBuf {}
+
 impl RecvBuf {
-    /// A buffer of `size` bytes (at least one).
+    /// A zeroed buffer of `size` bytes (at least one).
     pub fn new(size: usize) -> RecvBuf {
+        let boxed: Box<[u8]> = vec![0; size.max(1)].into_boxed_slice();
+        let len = boxed.len();
+        let ptr = NonNull::from(Box::leak(boxed)).cast::<u8>();
         RecvBuf {
-            data: vec![0; size.max(1)].into_boxed_slice(),
+            ptr,
+            len,
             in_flight: false,
+            user_data: 0,
         }
     }
 
@@ -104,56 +135,90 @@ impl RecvBuf {
         self.in_flight
     }
 
-    /// Checks the completed receive back in and returns the `n` bytes it filled.
-    pub fn complete(&mut self, n: usize) -> &mut [u8] {
+    /// Checks the receive back in with its completion and returns the bytes it filled
+    /// (none for an error or EOF).
+    ///
+    /// # Panics
+    /// If `cqe` is not the completion of this buffer's receive in flight (a driver bug).
+    pub fn complete(&mut self, cqe: Cqe) -> &mut [u8] {
+        assert!(
+            self.in_flight && cqe.user_data == self.user_data,
+            "receive buffer checked in with another operation's completion"
+        );
         self.in_flight = false;
-        let n = n.min(self.data.len());
-        &mut self.data[..n]
+        let n = usize::try_from(cqe.result).unwrap_or(0).min(self.len);
+        // SAFETY: `ptr` owns `len` initialized bytes (zeroed at allocation); the receive that
+        // wrote into them has completed (its own completion was just checked), so nothing
+        // else accesses them while the returned borrow of `self` lives.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), n) }
     }
 }
 
 impl Drop for RecvBuf {
     fn drop(&mut self) {
-        if self.in_flight {
-            std::mem::forget(std::mem::take(&mut self.data));
+        if !self.in_flight {
+            // SAFETY: `ptr`/`len` came from a leaked Box<[u8]> in `new` and are freed once,
+            // here; no receive is in flight. (In flight, the memory is leaked instead.)
+            unsafe {
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                )));
+            }
         }
     }
 }
 
-/// An 8-byte read target (an eventfd counter).
+/// An 8-byte read target (an eventfd counter), held as a raw allocation (see [`RecvBuf`]).
 pub(crate) struct WordBuf {
-    pub(super) word: Box<u64>,
+    pub(super) word: NonNull<u64>,
     pub(super) in_flight: bool,
+    /// The `user_data` of the read in flight.
+    pub(super) user_data: u64,
 }
 
 impl WordBuf {
     /// A zeroed word.
     pub fn new() -> WordBuf {
         WordBuf {
-            word: Box::new(0),
+            word: NonNull::from(Box::leak(Box::new(0u64))),
             in_flight: false,
+            user_data: 0,
         }
     }
 
-    /// Checks the completed read back in.
-    pub fn complete(&mut self) -> u64 {
+    /// Checks the read back in with its completion and returns the word.
+    ///
+    /// # Panics
+    /// If `cqe` is not the completion of this buffer's read in flight (a driver bug).
+    pub fn complete(&mut self, cqe: Cqe) -> u64 {
+        assert!(
+            self.in_flight && cqe.user_data == self.user_data,
+            "word buffer checked in with another operation's completion"
+        );
         self.in_flight = false;
-        *self.word
+        // SAFETY: the read that targeted the word has completed; `word` is a live Box
+        // allocation owned by `self`.
+        unsafe { *self.word.as_ptr() }
     }
 }
 
 impl Drop for WordBuf {
     fn drop(&mut self) {
-        if self.in_flight {
-            std::mem::forget(std::mem::replace(&mut self.word, Box::new(0)));
+        if !self.in_flight {
+            // SAFETY: from Box::leak in `new`, freed once, with no read in flight.
+            unsafe { drop(Box::from_raw(self.word.as_ptr())) }
         }
     }
 }
 
-/// The duration of a timeout operation, kept where the kernel can read it.
+/// The duration of a timeout operation, kept where the kernel can read it (a raw
+/// allocation, see [`RecvBuf`]).
 pub(crate) struct TimerBuf {
-    pub(super) spec: Box<Timespec>,
+    pub(super) spec: NonNull<Timespec>,
     pub(super) in_flight: bool,
+    /// The `user_data` of the timeout in flight.
+    pub(super) user_data: u64,
 }
 
 impl TimerBuf {
@@ -163,21 +228,30 @@ impl TimerBuf {
             .sec(every.as_secs())
             .nsec(every.subsec_nanos());
         TimerBuf {
-            spec: Box::new(spec),
+            spec: NonNull::from(Box::leak(Box::new(spec))),
             in_flight: false,
+            user_data: 0,
         }
     }
 
-    /// Checks the fired (or cancelled) timeout back in.
-    pub fn complete(&mut self) {
+    /// Checks the fired (or cancelled) timeout back in with its completion.
+    ///
+    /// # Panics
+    /// If `cqe` is not the completion of this timer's timeout (a driver bug).
+    pub fn complete(&mut self, cqe: Cqe) {
+        assert!(
+            self.in_flight && cqe.user_data == self.user_data,
+            "timer checked in with another operation's completion"
+        );
         self.in_flight = false;
     }
 }
 
 impl Drop for TimerBuf {
     fn drop(&mut self) {
-        if self.in_flight {
-            std::mem::forget(std::mem::replace(&mut self.spec, Box::new(Timespec::new())));
+        if !self.in_flight {
+            // SAFETY: from Box::leak in `new`, freed once, with no timeout in flight.
+            unsafe { drop(Box::from_raw(self.spec.as_ptr())) }
         }
     }
 }
@@ -196,9 +270,11 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(buf.data.as_ptr(), ptr, "swapped, not copied");
         assert_eq!(buf.remaining(), 40);
-        buf.complete(10, 1 << 16);
+        buf.in_flight = true;
+        buf.complete(Cqe::new(0, 10, 0), 1 << 16);
         assert_eq!(buf.remaining(), 30);
-        buf.complete(30, 1 << 16);
+        buf.in_flight = true;
+        buf.complete(Cqe::new(0, 30, 0), 1 << 16);
         assert!(buf.is_idle());
         assert_eq!(buf.data.capacity(), 4096, "kept for the next load");
     }
@@ -208,8 +284,41 @@ mod tests {
         let mut buf = SendBuf::default();
         let mut out = vec![1u8; 100_000];
         buf.load(&mut out);
-        buf.complete(100_000, 64 * 1024);
+        buf.in_flight = true;
+        buf.complete(Cqe::new(0, 100_000, 0), 64 * 1024);
         assert_eq!(buf.data.capacity(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "another operation's completion")]
+    fn a_completion_of_another_operation_is_refused() {
+        let mut send = SendBuf::default();
+        send.load(&mut vec![1, 2, 3]);
+        send.in_flight = true;
+        send.user_data = 7;
+        send.complete(Cqe::new(8, 3, 0), 0);
+    }
+
+    #[test]
+    fn receive_word_and_timer_buffers_check_in_with_their_own_completion() {
+        let mut recv = RecvBuf::new(8);
+        recv.in_flight = true;
+        recv.user_data = 1;
+        assert_eq!(recv.complete(Cqe::new(1, 5, 0)).len(), 5);
+        recv.in_flight = true;
+        assert_eq!(
+            recv.complete(Cqe::new(1, -104, 0)).len(),
+            0,
+            "an error fills nothing"
+        );
+        let mut word = WordBuf::new();
+        word.in_flight = true;
+        word.user_data = 2;
+        assert_eq!(word.complete(Cqe::new(2, 8, 0)), 0);
+        let mut timer = TimerBuf::new(std::time::Duration::from_millis(5));
+        timer.in_flight = true;
+        timer.user_data = 3;
+        timer.complete(Cqe::new(3, -62, 0));
     }
 
     #[test]

@@ -39,9 +39,10 @@ pub(crate) struct Features {
 
 /// One completion, copied out of the CQ so the ring is free while it is handled.
 ///
-/// Only [`Ring::reap`] creates these (and tests), so a `Cqe` describes a real completion;
-/// the provided-buffer ring relies on that (a buffer id in its flags was handed to us).
-#[derive(Clone, Copy, Debug)]
+/// Only [`Ring::reap`] creates these (and tests), so a `Cqe` describes a real completion.
+/// It is neither `Copy` nor `Clone`: the buffer types check in with the completion itself
+/// (consuming it), so each completion can release its operation's memory exactly once.
+#[derive(Debug)]
 pub(crate) struct Cqe {
     user_data: u64,
     result: i32,
@@ -234,12 +235,7 @@ impl Ring {
     }
 
     fn drain_cq_into_backlog(&mut self) {
-        let backlog = &mut self.backlog;
-        backlog.extend(self.uring.completion().map(|c| Cqe {
-            user_data: c.user_data(),
-            result: c.result(),
-            flags: c.flags(),
-        }));
+        Self::collect(&mut self.uring, self.bufs.as_mut(), &mut self.backlog);
     }
 
     /// Submits everything queued and waits for at least `want` completions (none if the
@@ -258,12 +254,24 @@ impl Ring {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.append(&mut self.backlog);
-        cqes.extend(self.uring.completion().map(|c| Cqe {
-            user_data: c.user_data(),
-            result: c.result(),
-            flags: c.flags(),
-        }));
+        Self::collect(&mut self.uring, self.bufs.as_mut(), &mut cqes);
         cqes
+    }
+
+    /// Moves the CQ's completions into `into`, noting each provided buffer the kernel
+    /// handed over (only such a buffer can be taken, once).
+    fn collect(uring: &mut IoUring, mut bufs: Option<&mut BufRing>, into: &mut Vec<Cqe>) {
+        for c in uring.completion() {
+            let cqe = Cqe {
+                user_data: c.user_data(),
+                result: c.result(),
+                flags: c.flags(),
+            };
+            if let (Some(bufs), Some(bid)) = (bufs.as_deref_mut(), cqe.buffer_id()) {
+                bufs.delivered(bid);
+            }
+            into.push(cqe);
+        }
     }
 
     /// Returns the vector [`Ring::reap`] gave out, to keep its capacity.
@@ -312,12 +320,13 @@ impl Ring {
     /// If `buf` is already in flight (a driver bug).
     pub fn recv(&mut self, fd: RawFd, buf: &mut RecvBuf, user_data: u64) -> io::Result<()> {
         assert!(!buf.in_flight, "recv buffer submitted twice");
-        let len = u32::try_from(buf.data.len()).unwrap_or(u32::MAX);
-        let e = opcode::Recv::new(Fd(fd), buf.data.as_mut_ptr(), len).build();
+        let len = u32::try_from(buf.len).unwrap_or(u32::MAX);
+        let e = opcode::Recv::new(Fd(fd), buf.ptr.as_ptr(), len).build();
         buf.in_flight = true;
-        // SAFETY: `buf.data` is a boxed slice of at least `len` bytes owned by `buf`, now
-        // marked in flight: RecvBuf gives no access to it until `complete`, and leaks it if
-        // dropped before.
+        buf.user_data = user_data;
+        // SAFETY: `buf.ptr` is an allocation of at least `len` bytes owned by `buf`, now
+        // marked in flight: RecvBuf gives no access to it until this operation's completion
+        // checks it in, and leaks it if dropped before.
         unsafe { self.push(e.user_data(user_data)) }.inspect_err(|_| buf.in_flight = false)
     }
 
@@ -334,8 +343,10 @@ impl Ring {
             .flags(libc::MSG_NOSIGNAL)
             .build();
         buf.in_flight = true;
+        buf.user_data = user_data;
         // SAFETY: `unsent` is inside `buf.data`, owned by `buf` and now marked in flight:
-        // SendBuf does not touch the vector until `complete`, and leaks it if dropped before.
+        // SendBuf does not touch the vector until this send's completion checks it in, and
+        // leaks it if dropped before.
         unsafe { self.push(e.user_data(user_data)) }.inspect_err(|_| buf.in_flight = false)
     }
 
@@ -345,10 +356,12 @@ impl Ring {
     /// If `buf` is already in flight.
     pub fn read_word(&mut self, fd: RawFd, buf: &mut WordBuf, user_data: u64) -> io::Result<()> {
         assert!(!buf.in_flight, "word buffer submitted twice");
-        let ptr = (&mut *buf.word as *mut u64).cast::<u8>();
+        let ptr = buf.word.as_ptr().cast::<u8>();
         let e = opcode::Read::new(Fd(fd), ptr, 8).build();
         buf.in_flight = true;
-        // SAFETY: `ptr` is the boxed u64 owned by `buf`, now marked in flight (see `recv`).
+        buf.user_data = user_data;
+        // SAFETY: `ptr` is the u64 allocation owned by `buf`, now marked in flight (see
+        // `recv`).
         unsafe { self.push(e.user_data(user_data)) }.inspect_err(|_| buf.in_flight = false)
     }
 
@@ -358,9 +371,10 @@ impl Ring {
     /// If `timer` is already in flight.
     pub fn timeout(&mut self, timer: &mut TimerBuf, user_data: u64) -> io::Result<()> {
         assert!(!timer.in_flight, "timer submitted twice");
-        let e = opcode::Timeout::new(&*timer.spec as *const Timespec).build();
+        let e = opcode::Timeout::new(timer.spec.as_ptr().cast_const()).build();
         timer.in_flight = true;
-        // SAFETY: the timespec is boxed and owned by `timer`, now marked in flight (see
+        timer.user_data = user_data;
+        // SAFETY: the timespec allocation is owned by `timer`, now marked in flight (see
         // `recv`); the kernel only reads it.
         unsafe { self.push(e.user_data(user_data)) }.inspect_err(|_| timer.in_flight = false)
     }
@@ -398,7 +412,8 @@ impl Ring {
     /// us to ask) and moves them to the backlog, without blocking.
     fn flush_completions(&mut self) {
         let zero = Timespec::new();
-        for _ in 0..16 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
             let before = self.backlog.len();
             let args = types::SubmitArgs::new().timespec(&zero);
             // ETIME (nothing more ready) and EINTR are expected; others leave what we have.
@@ -491,6 +506,8 @@ mod tests {
             assert!(cqe.more(), "multishot stays armed");
             let mut guard = ring.take_buffer(&cqe).expect("a provided buffer");
             assert_eq!(guard.bytes(), &msg);
+            drop(guard);
+            assert!(ring.take_buffer(&cqe).is_none(), "taken once per completion");
         }
         crate::runtime::sys::close(b);
         let eof = wait_for(&mut ring, 1);
@@ -512,7 +529,7 @@ mod tests {
                 ring.send(a, &mut send, 2).unwrap();
                 let cqe = wait_for(&mut ring, 2);
                 assert!(cqe.result() > 0, "send failed: {}", cqe.result());
-                send.complete(cqe.result() as usize, 1 << 16);
+                send.complete(cqe, 1 << 16);
             }
         }
         let mut got = vec![0u8; expected.len()];
@@ -541,7 +558,7 @@ mod tests {
         ring.send(a, &mut send, 3).unwrap();
         let cqe = wait_for(&mut ring, 3);
         assert_eq!(cqe.result(), -libc::EPIPE);
-        send.complete(0, 1 << 16);
+        send.complete(cqe, 1 << 16);
         // SAFETY: as above.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         crate::runtime::sys::close(a);
@@ -583,11 +600,16 @@ mod tests {
         ring.timeout(&mut timer, 3).unwrap();
         ring.submit_and_wait(0).unwrap();
         ring.cancel_all().unwrap();
-        let mut done: Vec<u64> = ring.reap().iter().map(Cqe::user_data).collect();
-        done.sort_unstable();
-        assert_eq!(done, [1, 2, 3], "each operation completed (cancelled)");
-        word.complete();
-        timer.complete();
+        let mut done: Vec<Cqe> = ring.reap();
+        done.sort_unstable_by_key(Cqe::user_data);
+        assert_eq!(
+            done.iter().map(Cqe::user_data).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "each operation completed (cancelled)"
+        );
+        let mut done = done.into_iter().skip(1);
+        word.complete(done.next().unwrap());
+        timer.complete(done.next().unwrap());
         crate::runtime::sys::close(a);
         crate::runtime::sys::close(b);
     }
