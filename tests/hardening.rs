@@ -849,6 +849,11 @@ fn subscriber_that_never_reads_is_bounded_and_readers_get_every_message_in_order
         peak < before + 64 * 1024,
         "peak RSS {peak} KiB from {before} KiB"
     );
+    let skipped = child.stats().publish_skipped;
+    assert!(
+        skipped > 0 && skipped < COUNT,
+        "the sleeper's publications past the cap are skipped and counted: {skipped}"
+    );
     // Direct sends to a peer that does not read: past the hard cap they are Dropped.
     let mut other = open(addr);
     other.send_frame(true, 1, b"stream:2000:16384");

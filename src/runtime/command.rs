@@ -82,6 +82,8 @@ pub(crate) struct Mailbox {
     handler_panics: AtomicU64,
     /// Commands refused because the queue was full.
     refused: AtomicU64,
+    /// Publications skipped for subscribers over the hard cap.
+    fanout_skipped: AtomicU64,
     stopped: AtomicBool,
     /// Why the shard failed, if it did (a ringsock bug, not a handler panic).
     failure: Mutex<Option<String>>,
@@ -101,6 +103,7 @@ impl Mailbox {
             connections: AtomicUsize::new(0),
             handler_panics: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            fanout_skipped: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -155,6 +158,19 @@ impl Mailbox {
         if self.connections.load(Ordering::Relaxed) != n {
             self.connections.store(n, Ordering::Relaxed);
         }
+    }
+
+    /// Publishes the shard's count of publications skipped for subscribers over the hard cap
+    /// (a store only when it changed).
+    pub fn set_fanout_skipped(&self, n: u64) {
+        if self.fanout_skipped.load(Ordering::Relaxed) != n {
+            self.fanout_skipped.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Publications skipped for subscribers over the hard cap so far.
+    pub fn fanout_skipped(&self) -> u64 {
+        self.fanout_skipped.load(Ordering::Relaxed)
     }
 
     /// Counts a handler panic.

@@ -32,6 +32,9 @@ impl<A: App> Shard<A> {
             self.settle_one(slot);
         }
         self.core.mailbox.set_connections(self.core.conns.len());
+        self.core
+            .mailbox
+            .set_fanout_skipped(self.core.fanout_skipped);
     }
 
     fn settle_one(&mut self, slot: u32) {

@@ -110,8 +110,10 @@ impl Topics {
 }
 
 /// Copies one shared frame into the output of every open subscriber of `topic` (every open
-/// connection for `None`), skipping those over `max_buffered`; each one written to goes on
-/// `touched`.
+/// connection for `None`); each one written to goes on `touched`. A subscriber whose output
+/// is over the hard cap `max_buffered` is skipped (it has not been reading for a while); one
+/// that is merely behind, between the high-water mark and the cap, still gets everything in
+/// order. Returns how many were skipped.
 pub(crate) fn fan_out<S>(
     conns: &mut Slab<Conn<S>>,
     topics: &Topics,
@@ -119,15 +121,21 @@ pub(crate) fn fan_out<S>(
     frame: &Bytes,
     max_buffered: usize,
     touched: &mut Vec<u32>,
-) {
+) -> u64 {
+    let mut skipped = 0;
     let mut deliver = |c: &mut Conn<S>| {
         let link = &mut c.link;
-        if link.open && link.buffered() <= max_buffered {
-            link.out.extend_from_slice(frame);
-            if !link.touched {
-                link.touched = true;
-                touched.push(link.id.slot);
-            }
+        if !link.open {
+            return;
+        }
+        if link.buffered() > max_buffered {
+            skipped += 1;
+            return;
+        }
+        link.out.extend_from_slice(frame);
+        if !link.touched {
+            link.touched = true;
+            touched.push(link.id.slot);
         }
     };
     match topic {
@@ -146,4 +154,5 @@ pub(crate) fn fan_out<S>(
             }
         }
     }
+    skipped
 }

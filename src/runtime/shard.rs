@@ -70,6 +70,9 @@ pub(crate) struct Core<A: App> {
     pub multishot_recv: bool,
     /// Send and stash vectors above this size are freed when quiet.
     pub keep_capacity: usize,
+    /// Publications not copied to a subscriber over the hard cap (published to the mailbox
+    /// once per batch).
+    pub fanout_skipped: u64,
 }
 
 /// The listener's accept operation.
@@ -160,6 +163,7 @@ impl<A: App> Shard<A> {
             shutdown_deadline: 0,
             multishot_recv: ready.multishot_recv,
             keep_capacity: 64 * 1024,
+            fanout_skipped: 0,
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -650,7 +654,7 @@ impl<A: App> Core<A> {
     /// Copies a shared frame into every open subscriber's output (all open connections for
     /// `None`).
     pub(super) fn fan_out(&mut self, topic: Option<&str>, frame: &Bytes) {
-        pubsub::fan_out(
+        self.fanout_skipped += pubsub::fan_out(
             &mut self.conns,
             &self.ctx.topics,
             topic,

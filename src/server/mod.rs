@@ -291,8 +291,12 @@ pub struct Stats {
     pub connections: Vec<usize>,
     /// Handler callbacks that panicked (each closed its connection), over all shards.
     pub handler_panics: u64,
-    /// Requests from other threads refused because a shard's queue was full.
+    /// Requests from other threads refused because a shard's queue was full (a `Remote`
+    /// got `QueueFull`, or a publish or broadcast missed that shard).
     pub commands_refused: u64,
+    /// Publications not delivered to a subscriber because its output was over the hard cap
+    /// ([`Buffers::max_buffered`]): it had not been reading.
+    pub publish_skipped: u64,
 }
 
 impl Stats {
@@ -320,6 +324,7 @@ impl ServerHandle {
             connections: mailboxes.iter().map(|m| m.connections()).collect(),
             handler_panics: mailboxes.iter().map(|m| m.handler_panics()).sum(),
             commands_refused: mailboxes.iter().map(|m| m.refused()).sum(),
+            publish_skipped: mailboxes.iter().map(|m| m.fanout_skipped()).sum(),
         }
     }
 

@@ -42,6 +42,8 @@ pub struct ChildStats {
     pub backpressure: usize,
     pub dropped: usize,
     pub messages: usize,
+    /// Publications skipped for subscribers over the hard cap.
+    pub publish_skipped: usize,
 }
 
 impl ChildServer {
@@ -165,6 +167,7 @@ impl ChildServer {
                     "backpressure" => stats.backpressure = value,
                     "dropped" => stats.dropped = value,
                     "messages" => stats.messages = value,
+                    "publish_skipped" => stats.publish_skipped = value,
                     _ => {}
                 }
             }
@@ -404,12 +407,14 @@ pub fn child_main() {
     for line in stdin.lock().lines().map_while(Result::ok) {
         if line.trim() == "stats" {
             println!(
-                "STATS connections={} queued={} backpressure={} dropped={} messages={}",
+                "STATS connections={} queued={} backpressure={} dropped={} messages={} \
+                 publish_skipped={}",
                 handle.stats().total_connections(),
                 counters.queued.load(Ordering::Relaxed),
                 counters.backpressure.load(Ordering::Relaxed),
                 counters.dropped.load(Ordering::Relaxed),
                 counters.messages.load(Ordering::Relaxed),
+                handle.stats().publish_skipped,
             );
         }
     }

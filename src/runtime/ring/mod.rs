@@ -507,7 +507,10 @@ mod tests {
             let mut guard = ring.take_buffer(&cqe).expect("a provided buffer");
             assert_eq!(guard.bytes(), &msg);
             drop(guard);
-            assert!(ring.take_buffer(&cqe).is_none(), "taken once per completion");
+            assert!(
+                ring.take_buffer(&cqe).is_none(),
+                "taken once per completion"
+            );
         }
         crate::runtime::sys::close(b);
         let eof = wait_for(&mut ring, 1);
