@@ -34,7 +34,10 @@ impl Handler for Big {
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, _msg: Message<'_>) {
         let status = ws.send_binary(&vec![7u8; 1_500_000]);
-        self.0.lock().unwrap().push(format!("on_message {status:?}"));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("on_message {status:?}"));
     }
 
     fn on_drain(&self, _: &mut Ws<'_, ()>) {
@@ -56,7 +59,11 @@ fn on_drain_never_follows_on_close() {
     let mut bytes = masked_frame(true, 1, b"go");
     bytes.extend_from_slice(&masked_frame(true, 8, &1000u16.to_be_bytes()));
     c.send(&bytes);
-    assert_eq!(c.read_close(), Some(1000), "the 1.5 MB, then the close echo");
+    assert_eq!(
+        c.read_close(),
+        Some(1000),
+        "the 1.5 MB, then the close echo"
+    );
     drop(c);
     wait_for(10, "the connection to be freed", || {
         handle.stats().total_connections() == 0
@@ -114,7 +121,9 @@ fn a_state_whose_drop_panics_costs_only_its_connection() {
         client.send_frame(true, 8, &1001u16.to_be_bytes());
     }
     drop(_c);
-    handle.wait().expect("a clean stop: state drops are the handler's panics");
+    handle
+        .wait()
+        .expect("a clean stop: state drops are the handler's panics");
     assert!(handle.is_stopped());
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(handle.stats().handler_panics, 4);
@@ -139,6 +148,9 @@ fn every_waiter_returns_only_once_the_server_stopped() {
     let waiter = std::thread::spawn(move || first.wait());
     std::thread::sleep(Duration::from_millis(100));
     handle.shutdown().expect("clean shutdown");
-    assert!(handle.is_stopped(), "shutdown() returned before the server stopped");
+    assert!(
+        handle.is_stopped(),
+        "shutdown() returned before the server stopped"
+    );
     waiter.join().unwrap().expect("clean stop");
 }
