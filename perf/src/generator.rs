@@ -1,4 +1,5 @@
-//! The load generator: one thread, one mio (epoll) loop, C client connections over loopback.
+//! The load generator: one mio (epoll) loop per thread (one thread unless `--threads`), C client
+//! connections over loopback.
 //!
 //! Each connection does a real opening handshake, then keeps up to `inflight` prebuilt masked
 //! messages outstanding; every echo is verified byte-exact by [`wire::Reader`]. Writes are
@@ -10,6 +11,8 @@ use std::collections::VecDeque;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -31,6 +34,10 @@ pub enum Scenario {
     Chop,
     /// N idle connections; server memory per connection.
     Connections,
+    /// N subscribers on one topic, one publisher, one server (see `fanout`).
+    Broadcast,
+    /// The publisher on node A, N subscribers on node B, a broker between them.
+    Crossnode,
 }
 
 impl Scenario {
@@ -42,6 +49,8 @@ impl Scenario {
             "big" => Scenario::Big,
             "chop" => Scenario::Chop,
             "connections" => Scenario::Connections,
+            "broadcast" => Scenario::Broadcast,
+            "crossnode" => Scenario::Crossnode,
             _ => return None,
         })
     }
@@ -54,7 +63,14 @@ impl Scenario {
             Scenario::Big => "big",
             Scenario::Chop => "chop",
             Scenario::Connections => "connections",
+            Scenario::Broadcast => "broadcast",
+            Scenario::Crossnode => "crossnode",
         }
+    }
+
+    /// Whether this is a publish/subscribe scenario (run by `fanout`, not the echo loop).
+    pub fn is_fanout(self) -> bool {
+        matches!(self, Scenario::Broadcast | Scenario::Crossnode)
     }
 }
 
@@ -90,7 +106,63 @@ pub struct Params {
     /// Busy-poll (`epoll_wait` with timeout 0) instead of sleeping: the server's writes then
     /// never have to wake the generator, at the price of a full core of generator CPU.
     pub spin: bool,
+    /// With several generator threads: where they wait for each other between opening their
+    /// connections and the load, so their windows line up.
+    pub gate: Option<Arc<Gate>>,
+    /// No progress line (every generator thread but the first).
+    pub quiet: bool,
+    /// Generator threads for [`run_threads`].
+    pub threads: usize,
+    /// Cores the generator threads are pinned to, in turn (empty: where they start).
+    pub gen_cores: Vec<usize>,
 }
+
+/// Where the threads of one multi-threaded run wait for each other; a thread that fails opens
+/// it for the others, who then stop too.
+#[derive(Debug)]
+pub struct Gate {
+    parties: usize,
+    arrived: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl Gate {
+    /// A gate for `parties` threads.
+    pub fn new(parties: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            parties,
+            arrived: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Arrives and waits for every other party.
+    ///
+    /// # Errors
+    ///
+    /// Another party failed, or ctrl-c.
+    pub fn pass(&self) -> Result<(), String> {
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+        while self.arrived.load(Ordering::Acquire) < self.parties {
+            if self.failed.load(Ordering::Acquire) {
+                return Err(THREAD_FAILED.into());
+            }
+            if sys::interrupted() {
+                return Err("interrupted".into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Marks the run failed: threads waiting in [`Gate::pass`] return an error.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// The error of a thread stopped because another one failed.
+const THREAD_FAILED: &str = "stopped because another generator thread failed";
 
 /// A run's measurements.
 #[derive(Debug)]
@@ -195,7 +267,9 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
-            progress(&format!("{}: {open}/{} connections open", p.label, p.conns));
+            if !p.quiet {
+                progress(&format!("{}: {open}/{} connections open", p.label, p.conns));
+            }
         }
     }
     let connect_seconds = start.elapsed().as_secs_f64();
@@ -206,6 +280,10 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         pump_idle(&mut poll, &mut events, Duration::from_millis(500))?;
         let after = sys::memory(pid).map_err(|e| e.to_string())?;
         memory = Some((before, after));
+    }
+
+    if let Some(gate) = &p.gate {
+        gate.pass()?;
     }
 
     // Phase 2: load. The connections scenario sends one message per connection afterwards, so
@@ -314,6 +392,12 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         if sys::interrupted() {
             return Err("interrupted".into());
         }
+        if p.gate
+            .as_ref()
+            .is_some_and(|g| g.failed.load(Ordering::Acquire))
+        {
+            return Err(THREAD_FAILED.into());
+        }
         if stopped_at.is_none() {
             let done = match limit {
                 Some(l) => completed >= l,
@@ -339,7 +423,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
                 ));
             }
         }
-        if now.duration_since(last_progress) >= Duration::from_secs(1) {
+        if !p.quiet && now.duration_since(last_progress) >= Duration::from_secs(1) {
             let rate =
                 (completed - last_count) as f64 / now.duration_since(last_progress).as_secs_f64();
             last_progress = now;
@@ -393,6 +477,70 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     })
 }
 
+/// Runs `p` on `p.threads` generator threads (pinned to `p.gen_cores` in turn, if any), the
+/// connections split evenly over them, and merges what they measured: messages and latencies
+/// of all threads; window, server and generator CPU time (process-wide) from the first.
+///
+/// # Errors
+///
+/// As [`run`], from any thread; the connections scenario and message-count runs (`instr`)
+/// are single-threaded only.
+pub fn run_threads(p: &Params) -> Result<Outcome, String> {
+    let threads = p.threads.clamp(1, p.conns.max(1));
+    let cores = &p.gen_cores;
+    if threads == 1 {
+        return run(p);
+    }
+    if p.scenario == Scenario::Connections || p.messages.is_some() {
+        return Err("--threads applies to rtt, throughput, big and chop".into());
+    }
+    let gate = Gate::new(threads);
+    let results: Vec<Result<Outcome, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mut q = p.clone();
+                q.conns = p.conns / threads + usize::from(t < p.conns % threads);
+                q.gate = Some(Arc::clone(&gate));
+                q.quiet = t > 0;
+                let gate = Arc::clone(&gate);
+                let core = cores.get(t % cores.len().max(1)).copied();
+                scope.spawn(move || {
+                    if let Some(core) = core {
+                        if let Err(e) = sys::pin_to_core(core) {
+                            eprintln!("note: cannot pin generator thread {t} to core {core}: {e}");
+                        }
+                    }
+                    let r = run(&q);
+                    if r.is_err() {
+                        gate.fail();
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("generator thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    errors.sort_by_key(|e| *e == THREAD_FAILED);
+    if let Some(e) = errors.first() {
+        return Err((*e).clone());
+    }
+    let mut outcomes = results.into_iter().flatten();
+    let mut first = outcomes.next().ok_or("no generator thread ran")?;
+    for o in outcomes {
+        first.messages += o.messages;
+        let _ = first.latency.add(&o.latency);
+        first.connect_seconds = first.connect_seconds.max(o.connect_seconds);
+    }
+    Ok(first)
+}
+
 /// Opens one connection: TCP_NODELAY, the upgrade request written, then non-blocking in mio.
 fn connect(
     addr: SocketAddr,
@@ -401,19 +549,7 @@ fn connect(
     poll: &Poll,
     token: Token,
 ) -> Result<Conn, String> {
-    let mut std_sock = std::net::TcpStream::connect(addr)
-        .map_err(|e| format!("connect to {addr} (connection {}): {e}", token.0))?;
-    std_sock.set_nodelay(true).map_err(|e| e.to_string())?;
-    let key = wire::new_key(rng);
-    // The ~200-byte request always fits in a fresh socket's send buffer.
-    std_sock
-        .write_all(&wire::request(host, &key))
-        .map_err(|e| format!("handshake write: {e}"))?;
-    std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut sock = mio::net::TcpStream::from_std(std_sock);
-    poll.registry()
-        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
-        .map_err(|e| format!("epoll_ctl: {e}"))?;
+    let (sock, key) = open_socket(addr, host, "/", rng, poll, token, Interest::WRITABLE)?;
     Ok(Conn {
         sock,
         key,
@@ -426,22 +562,69 @@ fn connect(
     })
 }
 
+/// Connects to `addr`, sets TCP_NODELAY, writes the upgrade request for `path`, and registers
+/// the socket, non-blocking, for reading (and `extra`) under `token`. Returns the socket and
+/// its `Sec-WebSocket-Key`.
+pub fn open_socket(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    rng: &mut Rng,
+    poll: &Poll,
+    token: Token,
+    extra: Interest,
+) -> Result<(mio::net::TcpStream, String), String> {
+    let mut std_sock = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("connect to {addr} (connection {}): {e}", token.0))?;
+    std_sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    let key = wire::new_key(rng);
+    // The ~200-byte request always fits in a fresh socket's send buffer.
+    std_sock
+        .write_all(&wire::request(host, path, &key))
+        .map_err(|e| format!("handshake write: {e}"))?;
+    std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut sock = mio::net::TcpStream::from_std(std_sock);
+    poll.registry()
+        .register(&mut sock, token, Interest::READABLE | extra)
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
+    Ok((sock, key))
+}
+
 /// Reads handshake response bytes; returns `true` once the response is complete and valid.
 fn read_handshake(conn: &mut Conn, rbuf: &mut [u8]) -> Result<bool, String> {
     let fd = conn.sock.as_raw_fd();
     let Some(buf) = conn.handshake.as_mut() else {
         return Ok(true);
     };
+    let done = handshake_step(fd, buf, &conn.key, rbuf)?;
+    if done {
+        conn.handshake = None;
+    }
+    Ok(done)
+}
+
+/// Reads what the socket `fd` has of the handshake response into `buf`; returns `true` once
+/// the response is complete and valid for `key`.
+///
+/// # Errors
+///
+/// A read error, the server closing, an invalid response, or frames right behind it (nothing
+/// was sent yet that a server could answer).
+pub fn handshake_step(
+    fd: i32,
+    buf: &mut Vec<u8>,
+    key: &str,
+    rbuf: &mut [u8],
+) -> Result<bool, String> {
     while let Some(n) = read_fd(fd, rbuf).map_err(|e| format!("handshake read: {e}"))? {
         if n == 0 {
             return Err("server closed the connection during the handshake".into());
         }
         buf.extend_from_slice(&rbuf[..n]);
-        if let Some(used) = wire::check_response(buf, &conn.key)? {
+        if let Some(used) = wire::check_response(buf, key)? {
             if used != buf.len() {
                 return Err("server sent frames before any message".into());
             }
-            conn.handshake = None;
             return Ok(true);
         }
     }
@@ -509,7 +692,7 @@ fn flush(conn: &mut Conn, pool: &Pool, close: &[u8], chop: usize) -> io::Result<
 }
 
 /// One `read`; `Ok(None)` when the socket has no data (EAGAIN).
-fn read_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<usize>> {
+pub fn read_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         // SAFETY: `buf` is valid and writable for `buf.len()` bytes for the duration of the call.
         let rc = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
@@ -527,7 +710,7 @@ fn read_fd(fd: i32, buf: &mut [u8]) -> io::Result<Option<usize>> {
 
 /// `epoll_wait` for up to `ms`; a signal (EINTR) counts as a wakeup with no events, so the
 /// caller's loop sees the interrupted flag.
-fn wait(poll: &mut Poll, events: &mut Events, ms: u64) -> Result<(), String> {
+pub fn wait(poll: &mut Poll, events: &mut Events, ms: u64) -> Result<(), String> {
     match poll.poll(events, Some(Duration::from_millis(ms))) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => {
@@ -593,98 +776,103 @@ mod tests {
 
     use super::*;
 
-    /// A minimal blocking echo server for one connection: answers the handshake, then echoes
+    /// A minimal blocking echo server, a thread per connection: answers the handshake, then echoes
     /// each client frame unmasked, XOR-ing payload byte `corrupt_at` of message `corrupt_msg`
     /// with 1 (when set). Frames are echoed one by one, so fragmented messages stay fragmented.
     fn raw_echo(corrupt: Option<(usize, usize)>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
-            let (mut sock, _) = listener.accept().unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let key = loop {
-                let n = sock.read(&mut chunk).unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end + 4);
-                    let line = head
-                        .lines()
-                        .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
-                        .unwrap()
-                        .to_string();
-                    break line.split(':').nth(1).unwrap().trim().to_string();
-                }
-            };
-            let reply = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Accept: {}\r\n\r\n",
-                wire::accept_for(&key)
-            );
-            sock.write_all(reply.as_bytes()).unwrap();
-            let mut message = 0;
-            loop {
-                // Parse one complete client frame from `buf`, reading more as needed.
-                let frame = loop {
-                    if buf.len() >= 2 {
-                        let (ext, len) = match buf[1] & 0x7F {
-                            126 if buf.len() >= 4 => {
-                                (2, u16::from_be_bytes([buf[2], buf[3]]) as usize)
-                            }
-                            127 if buf.len() >= 10 => (
-                                8,
-                                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-                            ),
-                            126 | 127 => (usize::MAX, 0),
-                            n => (0, n as usize),
-                        };
-                        if ext != usize::MAX && buf.len() >= 2 + ext + 4 + len {
-                            let mask: [u8; 4] = buf[2 + ext..6 + ext].try_into().unwrap();
-                            let mut payload: Vec<u8> = buf[6 + ext..6 + ext + len]
-                                .iter()
-                                .enumerate()
-                                .map(|(i, b)| b ^ mask[i & 3])
-                                .collect();
-                            let b0 = buf[0];
-                            buf.drain(..6 + ext + len);
-                            if let Some((msg, at)) = corrupt {
-                                if msg == message && at < payload.len() {
-                                    payload[at] ^= 1;
-                                }
-                            }
-                            break (b0, payload);
-                        }
-                    }
-                    match sock.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                };
-                let (b0, payload) = frame;
-                if b0 & 0x0F == 0x8 {
-                    return;
-                }
-                if b0 & 0x80 != 0 {
-                    message += 1;
-                }
-                let mut out = vec![b0];
-                if payload.len() < 126 {
-                    out.push(payload.len() as u8);
-                } else if payload.len() <= 0xFFFF {
-                    out.push(126);
-                    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-                } else {
-                    out.push(127);
-                    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-                }
-                out.extend_from_slice(&payload);
-                if sock.write_all(&out).is_err() {
-                    return;
-                }
+            for sock in listener.incoming() {
+                let Ok(sock) = sock else { return };
+                std::thread::spawn(move || echo_one(sock, corrupt));
             }
         });
         addr
+    }
+
+    /// The echo side of [`raw_echo`] for one accepted connection.
+    fn echo_one(mut sock: std::net::TcpStream, corrupt: Option<(usize, usize)>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let key = loop {
+            let n = sock.read(&mut chunk).unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end + 4);
+                let line = head
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:"))
+                    .unwrap()
+                    .to_string();
+                break line.split(':').nth(1).unwrap().trim().to_string();
+            }
+        };
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+            wire::accept_for(&key)
+        );
+        sock.write_all(reply.as_bytes()).unwrap();
+        let mut message = 0;
+        loop {
+            // Parse one complete client frame from `buf`, reading more as needed.
+            let frame = loop {
+                if buf.len() >= 2 {
+                    let (ext, len) = match buf[1] & 0x7F {
+                        126 if buf.len() >= 4 => (2, u16::from_be_bytes([buf[2], buf[3]]) as usize),
+                        127 if buf.len() >= 10 => (
+                            8,
+                            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                        ),
+                        126 | 127 => (usize::MAX, 0),
+                        n => (0, n as usize),
+                    };
+                    if ext != usize::MAX && buf.len() >= 2 + ext + 4 + len {
+                        let mask: [u8; 4] = buf[2 + ext..6 + ext].try_into().unwrap();
+                        let mut payload: Vec<u8> = buf[6 + ext..6 + ext + len]
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| b ^ mask[i & 3])
+                            .collect();
+                        let b0 = buf[0];
+                        buf.drain(..6 + ext + len);
+                        if let Some((msg, at)) = corrupt {
+                            if msg == message && at < payload.len() {
+                                payload[at] ^= 1;
+                            }
+                        }
+                        break (b0, payload);
+                    }
+                }
+                match sock.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let (b0, payload) = frame;
+            if b0 & 0x0F == 0x8 {
+                return;
+            }
+            if b0 & 0x80 != 0 {
+                message += 1;
+            }
+            let mut out = vec![b0];
+            if payload.len() < 126 {
+                out.push(payload.len() as u8);
+            } else if payload.len() <= 0xFFFF {
+                out.push(126);
+                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            } else {
+                out.push(127);
+                out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            }
+            out.extend_from_slice(&payload);
+            if sock.write_all(&out).is_err() {
+                return;
+            }
+        }
     }
 
     fn params(addr: SocketAddr, size: usize, fragment: usize, messages: u64) -> Params {
@@ -703,6 +891,10 @@ mod tests {
             label: "test".into(),
             open_window: 1,
             spin: false,
+            gate: None,
+            quiet: false,
+            threads: 1,
+            gen_cores: Vec::new(),
         }
     }
 
@@ -719,6 +911,31 @@ mod tests {
     fn run_fails_when_one_echoed_byte_differs() {
         let err = run(&params(raw_echo(Some((7, 200))), 300, 0, 50)).unwrap_err();
         assert!(err.contains("mismatch at byte 200"), "{err}");
+    }
+
+    #[test]
+    fn threads_split_the_connections_and_merge_their_counts() {
+        let mut p = params(raw_echo(None), 100, 0, 0);
+        p.messages = None;
+        p.conns = 5;
+        p.threads = 2;
+        p.duration = Duration::from_millis(300);
+        let outcome = run_threads(&p).unwrap();
+        assert!(outcome.messages > 0);
+        assert_eq!(outcome.latency.len(), outcome.messages);
+        p.messages = Some(10);
+        assert!(run_threads(&p).unwrap_err().contains("--threads"));
+    }
+
+    #[test]
+    fn a_failure_in_one_thread_fails_the_threaded_run_with_its_own_error() {
+        let mut p = params(raw_echo(Some((3, 10))), 100, 0, 0);
+        p.messages = None;
+        p.conns = 3;
+        p.threads = 3;
+        p.duration = Duration::from_secs(5);
+        let err = run_threads(&p).unwrap_err();
+        assert!(err.contains("mismatch at byte 10"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //!
 //! The binary never links ringsock: it tests the server from outside, over loopback only.
 
+mod fancmd;
+mod fanout;
+mod fanreport;
+mod fanwire;
 mod generator;
 mod report;
 mod servers;
@@ -37,19 +41,33 @@ usage:
   ringsock-perf instr [--messages N] [options]   instructions per message under valgrind
 
 options:
-  --scenario rtt|throughput|big|chop|connections   (default throughput)
-  --conns N          client connections (rtt 1, throughput 100, big 1, chop 1, connections 10000)
-  --inflight N       messages in flight per connection (throughput 16, else 1)
-  --size LIST        payload sizes, e.g. 16,64,1k,64KiB,16M (rtt/throughput 16, big 16M, chop 1M)
+  --scenario rtt|throughput|big|chop|connections|broadcast|crossnode   (default throughput)
+  --conns N          client connections (rtt 1, throughput 100, big 1, chop 1, connections 10000);
+                     broadcast/crossnode: subscribers, a list (1000 / 100)
+  --inflight N       messages in flight per connection (throughput 16, else 1); broadcast and
+                     crossnode closed loop: publications in flight (8)
+  --rate R           broadcast/crossnode: publications per second, 0 = closed loop
+                     (broadcast 0, crossnode 10000)
+  --threads N        generator threads, connections split over them (default 1)
+  --size LIST        payload sizes, e.g. 16,64,1k,64KiB,16M (rtt/throughput 16, big 16M, chop 1M,
+                     broadcast 1k, crossnode 64; fan-out sizes at least 16)
   --fragment LIST    big: fragment payload sizes, 0 = whole message (default 0)
   --chop LIST        chop: bytes per write call (default 64)
   --duration SECS    measured seconds per run (default 5)
   --warmup SECS      unmeasured seconds before (default 1)
   --reps N           compare: repetitions, round-robin over the servers (default 3)
   --servers LIST     compare/instr: subset of ringsock,tokio-websockets,fastwebsockets,tokio-tungstenite
-  --ringsock-bin P   ringsock echo binary (default target/release/examples/echo)
-  --server-core N    core the servers are pinned to (default 0)
-  --gen-core N       core the generator is pinned to (default 1)
+                     (broadcast: ringsock,tokio-tungstenite-fanout)
+  --brokers LIST     crossnode: redis,nats (default both)
+  --ringsock-bin P   ringsock binary (default target/release/examples/echo; broadcast and
+                     crossnode: target/release/examples/fanout)
+  --server-core N    core the servers (crossnode: node B) are pinned to (default 0)
+  --node-a-core N    crossnode: core of node A (default the server core)
+  --broker-core N    crossnode: core of the broker (default the server core)
+  --redis-server P   crossnode: redis-server binary (default from PATH)
+  --nats-server P    crossnode: nats-server binary (default from PATH)
+  --pub-addr A       bench crossnode: node A, where the publisher connects (--addr: node B)
+  --gen-core LIST    cores the generator threads are pinned to, in turn (default 1)
   --messages N       instr: echoes per measured run (default 20000)
   --out DIR          where JSON and SVG go (default perf/results)
   --json             print JSON on stdout (the table goes to stderr)
@@ -65,8 +83,14 @@ fn main() -> ExitCode {
     }
     let result = match argv.first().map(String::as_str) {
         Some("serve") => serve_cmd(&argv[1..]),
-        Some("compare") => Args::parse(&argv[1..]).and_then(|a| compare_cmd(&a)),
-        Some("bench") => Args::parse(&argv[1..]).and_then(|a| bench_cmd(&a)),
+        Some("compare") => Args::parse(&argv[1..]).and_then(|a| match a.fanout()? {
+            Some(s) => prepare(&a).and_then(|()| fancmd::compare(&a, s)),
+            None => compare_cmd(&a),
+        }),
+        Some("bench") => Args::parse(&argv[1..]).and_then(|a| match a.fanout()? {
+            Some(s) => prepare(&a).and_then(|()| fancmd::bench(&a, s)),
+            None => bench_cmd(&a),
+        }),
         Some("instr") => Args::parse(&argv[1..]).and_then(|a| instr_cmd(&a)),
         _ => Err(USAGE.to_string()),
     };
@@ -111,6 +135,13 @@ impl Args {
         Ok(Args { values, json, spin })
     }
 
+    /// The scenario if it is a fan-out one (`broadcast`, `crossnode`).
+    fn fanout(&self) -> Result<Option<Scenario>, String> {
+        let name = self.get("scenario").unwrap_or("throughput");
+        let scenario = Scenario::parse(name).ok_or_else(|| format!("unknown scenario {name:?}"))?;
+        Ok(scenario.is_fanout().then_some(scenario))
+    }
+
     fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
@@ -152,6 +183,11 @@ impl Args {
             Scenario::Big => (1, 1, 16 << 20),
             Scenario::Chop => (1, 1, 1 << 20),
             Scenario::Connections => (10_000, 1, 16),
+            Scenario::Broadcast | Scenario::Crossnode => {
+                return Err(format!(
+                    "{name} is a fan-out scenario, not an echo scenario"
+                ))
+            }
         };
         let conns = self.num("conns", conns)? as usize;
         let inflight = self.num("inflight", inflight)? as usize;
@@ -196,6 +232,14 @@ impl Args {
                         label: String::new(),
                         open_window: 128,
                         spin: self.spin,
+                        gate: None,
+                        quiet: false,
+                        threads: self.num("threads", 1)?.max(1) as usize,
+                        gen_cores: self
+                            .list("gen-core", 1)?
+                            .iter()
+                            .map(|&c| c as usize)
+                            .collect(),
                     });
                 }
             }
@@ -233,9 +277,11 @@ impl Args {
                     );
                 }
             } else {
-                kinds.push(Kind::Peer(
-                    Peer::parse(name).ok_or_else(|| format!("unknown server {name:?}"))?,
-                ));
+                let peer = Peer::parse(name).ok_or_else(|| format!("unknown server {name:?}"))?;
+                if peer.is_fanout() {
+                    return Err(format!("{name} serves the broadcast scenario, not echo"));
+                }
+                kinds.push(Kind::Peer(peer));
             }
         }
         Ok(kinds)
@@ -259,7 +305,7 @@ fn parse_size(s: &str) -> Option<u64> {
 
 /// Pins the generator and raises the fd limit (inherited by the servers started later).
 fn prepare(args: &Args) -> Result<(), String> {
-    let core = args.num("gen-core", 1)? as usize;
+    let core = args.list("gen-core", 1)?[0] as usize;
     if let Err(e) = sys::pin_to_core(core) {
         eprintln!("note: cannot pin the generator to core {core}: {e}");
     }
@@ -271,7 +317,7 @@ fn prepare(args: &Args) -> Result<(), String> {
         );
     }
     let limit = sys::raise_fd_limit().map_err(|e| format!("setrlimit(NOFILE): {e}"))?;
-    if let Some(c) = args.get("conns").and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(c) = args.list("conns", 0)?.into_iter().max() {
         if c + 64 > limit {
             return Err(format!(
                 "--conns {c} needs more fds than the hard limit {limit}"
@@ -346,7 +392,7 @@ fn run_one(kind: &Kind, core: usize, p: &mut Params) -> Result<generator::Outcom
     let server = ServerProc::start(kind, addr, Some(core), &[], Duration::from_secs(10))?;
     p.addr = addr;
     p.server_pid = Some(server.pid());
-    let outcome = generator::run(p);
+    let outcome = generator::run_threads(p);
     drop(server);
     outcome
 }
@@ -369,7 +415,7 @@ fn bench_cmd(args: &Args) -> Result<(), String> {
     for mut p in args.cases(addr)? {
         p.server_pid = pid;
         p.label = "server".into();
-        let outcome = generator::run(&p)?;
+        let outcome = generator::run_threads(&p)?;
         let mut merged = Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds");
         let _ = merged.add(&outcome.latency);
         let result = ServerResult {
@@ -414,7 +460,11 @@ fn emit(
     fs::write(base.with_extension("json"), json_text).map_err(|e| e.to_string())?;
     if p.scenario != Scenario::Connections {
         let title = format!("{} - latency by percentile", report::case_title(p));
-        fs::write(base.with_extension("svg"), report::svg(&title, results))
+        let lines: Vec<(&str, &Histogram<u64>)> = results
+            .iter()
+            .map(|r| (r.name.as_str(), &r.merged))
+            .collect();
+        fs::write(base.with_extension("svg"), report::svg(&title, &lines))
             .map_err(|e| e.to_string())?;
     }
     eprintln!("results: {}.{{json,svg}}", base.display());

@@ -179,6 +179,9 @@ pub fn case_title(p: &Params) -> String {
     }
     .ok();
     write!(t, ", {} conns x {} in flight", p.conns, p.inflight).ok();
+    if p.threads > 1 {
+        write!(t, ", {} generator threads", p.threads).ok();
+    }
     t
 }
 
@@ -446,7 +449,7 @@ pub fn bytes(v: f64) -> String {
 
 /// The latency percentile distribution of each server as an SVG line plot: x is the percentile
 /// on a log scale of 1/(1-q) (0% to 99.999%), y the latency in µs.
-pub fn svg(title: &str, results: &[ServerResult]) -> String {
+pub fn svg(title: &str, results: &[(&str, &Histogram<u64>)]) -> String {
     const W: f64 = 900.0;
     const H: f64 = 500.0;
     const L: f64 = 80.0;
@@ -460,8 +463,8 @@ pub fn svg(title: &str, results: &[ServerResult]) -> String {
     let quantile = |x: f64| 1.0 - 10f64.powf(-x);
     let y_max = results
         .iter()
-        .filter(|r| !r.merged.is_empty())
-        .map(|r| r.merged.value_at_quantile(quantile(DECADES)) as f64 / 1e3)
+        .filter(|r| !r.1.is_empty())
+        .map(|r| r.1.value_at_quantile(quantile(DECADES)) as f64 / 1e3)
         .fold(1.0, f64::max);
     let y_max = nice_ceiling(y_max * 1.02);
     let px = |x: f64| L + x / DECADES * (W - L - R);
@@ -515,15 +518,15 @@ pub fn svg(title: &str, results: &[ServerResult]) -> String {
         H / 2.0
     )
     .ok();
-    for (i, r) in results.iter().enumerate() {
-        if r.merged.is_empty() {
+    for (i, &(name, merged)) in results.iter().enumerate() {
+        if merged.is_empty() {
             continue;
         }
         let color = COLORS[i % COLORS.len()];
         let points: Vec<String> = (0..=250)
             .map(|k| {
                 let x = DECADES * k as f64 / 250.0;
-                let v = r.merged.value_at_quantile(quantile(x)) as f64 / 1e3;
+                let v = merged.value_at_quantile(quantile(x)) as f64 / 1e3;
                 format!("{:.1},{:.1}", px(x), py(v.min(y_max)))
             })
             .collect();
@@ -541,7 +544,7 @@ pub fn svg(title: &str, results: &[ServerResult]) -> String {
             W - R + 40.0,
             W - R + 46.0,
             ly + 4.0,
-            xml(&r.name)
+            xml(name)
         )
         .ok();
     }
@@ -588,13 +591,7 @@ mod tests {
         for v in 1..1000u64 {
             h.record(v * 1000).unwrap();
         }
-        let results = ["a", "b"].map(|n| ServerResult {
-            name: n.into(),
-            samples: vec![],
-            merged: h.clone(),
-            failure: None,
-        });
-        let svg = svg("t <x>", &results);
+        let svg = svg("t <x>", &[("a", &h), ("b", &h)]);
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("t &lt;x&gt;"));
     }
@@ -623,6 +620,10 @@ mod tests {
             label: String::new(),
             open_window: 1,
             spin: false,
+            gate: None,
+            quiet: false,
+            threads: 1,
+            gen_cores: Vec::new(),
         };
         let result = |name: &str, rate: f64| ServerResult {
             name: name.into(),

@@ -40,14 +40,18 @@ pub enum Peer {
     Fastwebsockets,
     /// tokio-tungstenite 0.30.
     TokioTungstenite,
+    /// tokio-tungstenite 0.30 as a publish/subscribe server on `tokio::sync::broadcast`
+    /// (fan-out scenarios).
+    TokioTungsteniteFanout,
 }
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 3] = [
+    pub const ALL: [Peer; 4] = [
         Peer::TokioWebsockets,
         Peer::Fastwebsockets,
         Peer::TokioTungstenite,
+        Peer::TokioTungsteniteFanout,
     ];
 
     /// The name used on the command line and in tables.
@@ -56,7 +60,13 @@ impl Peer {
             Peer::TokioWebsockets => "tokio-websockets",
             Peer::Fastwebsockets => "fastwebsockets",
             Peer::TokioTungstenite => "tokio-tungstenite",
+            Peer::TokioTungsteniteFanout => "tokio-tungstenite-fanout",
         }
+    }
+
+    /// Whether this peer serves the fan-out scenarios (publish/subscribe), not echo.
+    pub fn is_fanout(self) -> bool {
+        self == Peer::TokioTungsteniteFanout
     }
 
     /// Parses a peer name.
@@ -75,14 +85,16 @@ impl Kind {
     }
 
     /// The command line that starts this server on `addr`.
-    fn command(&self, addr: SocketAddr) -> io::Result<(PathBuf, Vec<String>)> {
+    fn command(&self, addr: SocketAddr) -> io::Result<(String, PathBuf, Vec<String>)> {
         let addr = addr.to_string();
         Ok(match self {
             Kind::Ringsock(bin) => (
+                self.name().into(),
                 bin.clone(),
                 vec!["--addr".into(), addr, "--shards".into(), "1".into()],
             ),
             Kind::Peer(p) => (
+                self.name().into(),
                 std::env::current_exe()?,
                 vec!["serve".into(), p.name().into(), "--addr".into(), addr],
             ),
@@ -111,10 +123,24 @@ impl ServerProc {
         wrapper: &[String],
         ready_timeout: Duration,
     ) -> Result<ServerProc, String> {
-        if let Some(core) = core {
-            crate::sys::check_core(core).map_err(|e| e.to_string())?;
-        }
-        let (bin, args) = kind.command(addr).map_err(|e| e.to_string())?;
+        ServerProc::start_with(kind, addr, core, wrapper, &[], ready_timeout)
+    }
+
+    /// [`ServerProc::start`] with `extra` arguments after the server's own (e.g. a broker URL).
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerProc::start`].
+    pub fn start_with(
+        kind: &Kind,
+        addr: SocketAddr,
+        core: Option<usize>,
+        wrapper: &[String],
+        extra: &[String],
+        ready_timeout: Duration,
+    ) -> Result<ServerProc, String> {
+        let (name, bin, mut args) = kind.command(addr).map_err(|e| e.to_string())?;
+        args.extend_from_slice(extra);
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -123,7 +149,29 @@ impl ServerProc {
             }
             None => Command::new(&bin),
         };
-        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.args(&args);
+        let (stdout, stderr) = (Stdio::null(), Stdio::inherit());
+        ServerProc::spawn(&name, cmd, addr, core, (stdout, stderr), ready_timeout)
+    }
+
+    /// Starts `cmd` (stdin closed, stdout and stderr to `output`) as a child that dies with
+    /// this process, pinned to `core` if given, and waits until `addr` accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// The binary cannot be started, exits, or does not accept connections in time.
+    pub fn spawn(
+        name: &str,
+        mut cmd: Command,
+        addr: SocketAddr,
+        core: Option<usize>,
+        output: (Stdio, Stdio),
+        ready_timeout: Duration,
+    ) -> Result<ServerProc, String> {
+        if let Some(core) = core {
+            crate::sys::check_core(core).map_err(|e| e.to_string())?;
+        }
+        cmd.stdin(Stdio::null()).stdout(output.0).stderr(output.1);
         // SAFETY: the closure runs in the forked child before exec and calls only
         // async-signal-safe functions (prctl, sched_setaffinity); it allocates nothing.
         unsafe {
@@ -144,7 +192,7 @@ impl ServerProc {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
+            .map_err(|e| format!("start {name} ({:?}): {e}", cmd.get_program()))?;
         let mut server = ServerProc { child };
         let start = Instant::now();
         loop {
@@ -152,12 +200,11 @@ impl ServerProc {
                 return Ok(server);
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("{} exited at start: {status}", kind.name()));
+                return Err(format!("{name} exited at start: {status}"));
             }
             if start.elapsed() > ready_timeout || crate::sys::interrupted() {
                 return Err(format!(
-                    "{} not accepting on {addr} after {ready_timeout:?}",
-                    kind.name()
+                    "{name} not accepting on {addr} after {ready_timeout:?}"
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -224,6 +271,9 @@ pub fn serve(peer: Peer, addr: SocketAddr) -> Result<(), String> {
         .enable_io()
         .build()
         .map_err(|e| e.to_string())?;
+    if peer.is_fanout() {
+        return rt.block_on(fanout::serve(addr));
+    }
     rt.block_on(async move {
         let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
         loop {
@@ -237,6 +287,7 @@ pub fn serve(peer: Peer, addr: SocketAddr) -> Result<(), String> {
                     Peer::TokioWebsockets => tokio_websockets_conn(stream).await,
                     Peer::Fastwebsockets => fastwebsockets_conn(stream).await,
                     Peer::TokioTungstenite => tokio_tungstenite_conn(stream).await,
+                    Peer::TokioTungsteniteFanout => unreachable!("served by fanout::serve"),
                 }
             }));
         }
@@ -344,4 +395,124 @@ where
         }
     })
     .await;
+}
+
+/// The fan-out peer: tokio-tungstenite with one `tokio::sync::broadcast` channel per topic, the
+/// way a tokio application fans out. `/sub/TOPIC` subscribes the connection's task to the
+/// topic's channel; every message from `/pub/TOPIC` is sent into it unchanged. One task per
+/// connection on the current-thread runtime, with tokio's cooperative budget left on (a
+/// publisher task yields to subscribers after its budget instead of running ahead).
+mod fanout {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    use tokio_tungstenite::tungstenite::http::StatusCode;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::MAX_MESSAGE;
+
+    /// Messages a topic's channel holds. A subscriber that falls further behind skips to the
+    /// oldest one still held (`RecvError::Lagged`), which the generator counts as lost.
+    /// 1024 covers every closed-loop window the scenarios use.
+    const CAPACITY: usize = 1024;
+
+    type Topics = Arc<Mutex<HashMap<String, broadcast::Sender<Message>>>>;
+
+    /// Accepts connections until killed.
+    pub async fn serve(addr: SocketAddr) -> Result<(), String> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
+        let topics = Topics::default();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(conn(stream, Arc::clone(&topics)));
+        }
+    }
+
+    /// The sender of `topic`'s channel, created on first use.
+    fn channel(topics: &Topics, topic: &str) -> broadcast::Sender<Message> {
+        let mut map = topics.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(topic.to_owned())
+            .or_insert_with(|| broadcast::channel(CAPACITY).0)
+            .clone()
+    }
+
+    // The handshake callback's error type is tungstenite's `ErrorResponse`, not ours to box.
+    #[allow(clippy::result_large_err)]
+    async fn conn(stream: TcpStream, topics: Topics) {
+        let mut path = String::new();
+        let route = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            path = req.uri().path().to_owned();
+            if path.starts_with("/sub/") || path.starts_with("/pub/") {
+                Ok(resp)
+            } else {
+                let mut not_found = ErrorResponse::new(None);
+                *not_found.status_mut() = StatusCode::NOT_FOUND;
+                Err(not_found)
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE));
+        let Ok(mut ws) =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, route, Some(config)).await
+        else {
+            return;
+        };
+        if let Some(topic) = path.strip_prefix("/pub/") {
+            let tx = channel(&topics, topic);
+            while let Some(Ok(msg)) = ws.next().await {
+                match msg {
+                    // No subscribers is not an error for a publisher.
+                    Message::Binary(_) | Message::Text(_) => drop(tx.send(msg)),
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            return;
+        }
+        let topic = path.strip_prefix("/sub/").unwrap_or_default();
+        let mut rx = channel(&topics, topic).subscribe();
+        loop {
+            tokio::select! {
+                got = rx.recv() => {
+                    let msg = match got {
+                        Ok(msg) => msg,
+                        Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => break,
+                    };
+                    // Everything else already waiting goes out in the same write.
+                    if ws.feed(msg).await.is_err() {
+                        break;
+                    }
+                    loop {
+                        match rx.try_recv() {
+                            Ok(msg) => {
+                                if ws.feed(msg).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(TryRecvError::Lagged(_)) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    if ws.flush().await.is_err() {
+                        break;
+                    }
+                }
+                incoming = ws.next() => match incoming {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
 }

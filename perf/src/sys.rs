@@ -92,6 +92,30 @@ pub fn memory(pid: u32) -> io::Result<Memory> {
     })
 }
 
+/// Peak resident set size of a process (`VmHWM` in `/proc/PID/status`), in bytes.
+pub fn peak_rss(pid: u32) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmHWM line"))
+}
+
+/// The pid of the kernel thread `ksoftirqd/<core>`, which runs the softirq work (network
+/// receive and transmit completion, on loopback also the receiver's TCP input) that the kernel
+/// defers from `core` when there is too much of it to run on the way out of interrupts and
+/// system calls.
+pub fn ksoftirqd_pid(core: usize) -> Option<u32> {
+    let name = format!("ksoftirqd/{core}");
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
+}
+
 /// Pins the calling thread (or, called in a child before exec, the new process) to `core`.
 pub fn pin_to_core(core: usize) -> io::Result<()> {
     check_core(core)?;
@@ -185,5 +209,13 @@ mod tests {
         // Other test threads may come and go, but this one is in the sum.
         assert!(process_sched(pid).unwrap().run >= own);
         assert!(memory(pid).unwrap().rss > 0);
+        assert!(peak_rss(pid).unwrap() >= memory(pid).unwrap().rss / 2);
+    }
+
+    #[test]
+    fn ksoftirqd_of_core_0_is_found_and_readable() {
+        let pid = ksoftirqd_pid(0).expect("every Linux system has ksoftirqd/0");
+        process_sched(pid).unwrap();
+        assert_eq!(ksoftirqd_pid(100_000), None);
     }
 }

@@ -16,11 +16,11 @@ use sha1::{Digest, Sha1};
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Opcode of a continuation frame (RFC 6455 §5.2).
-const OP_CONTINUATION: u8 = 0x0;
+pub const OP_CONTINUATION: u8 = 0x0;
 /// Opcode of a binary frame; every message the generator sends is binary, so the echo must be.
-const OP_BINARY: u8 = 0x2;
+pub const OP_BINARY: u8 = 0x2;
 /// Opcode of a close frame.
-const OP_CLOSE: u8 = 0x8;
+pub const OP_CLOSE: u8 = 0x8;
 
 /// A small xorshift generator: masking keys, handshake keys and payload bytes need to vary, not
 /// to be secret (the peer under test is on loopback).
@@ -60,10 +60,11 @@ pub fn accept_for(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
-/// The client's upgrade request for `host` (RFC 6455 §4.1): no extensions, no subprotocol.
-pub fn request(host: &str, key: &str) -> Vec<u8> {
+/// The client's upgrade request for `host` and `path` (RFC 6455 §4.1): no extensions, no
+/// subprotocol.
+pub fn request(host: &str, path: &str, key: &str) -> Vec<u8> {
     format!(
-        "GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .into_bytes()
@@ -133,8 +134,18 @@ pub fn check_response(buf: &[u8], key: &str) -> Result<Option<usize>, String> {
 
 /// Appends one masked client frame to `out` (RFC 6455 §5.2 layout, §5.3 masking).
 pub fn push_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    push_header(out, fin, opcode, payload.len(), mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[start..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// Appends the header of a masked client frame with a `len`-byte payload, mask key included;
+/// the caller appends the payload masked with `mask` (RFC 6455 §5.2, §5.3).
+pub fn push_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize, mask: [u8; 4]) {
     out.push(if fin { 0x80 } else { 0 } | opcode);
-    let len = payload.len();
     if len < 126 {
         out.push(0x80 | len as u8);
     } else if len <= 0xFFFF {
@@ -145,11 +156,6 @@ pub fn push_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
     out.extend_from_slice(&mask);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    for (i, b) in out[start..].iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
 }
 
 /// The wire image of one binary message carrying `payload`: a single frame when `fragment` is 0
@@ -182,7 +188,7 @@ pub fn close_wire(rng: &mut Rng) -> Vec<u8> {
 }
 
 /// A fresh, non-zero masking key (RFC 6455 §5.3).
-fn mask_key(rng: &mut Rng) -> [u8; 4] {
+pub fn mask_key(rng: &mut Rng) -> [u8; 4] {
     (rng.next_u64() as u32 | 1).to_le_bytes()
 }
 
@@ -236,6 +242,85 @@ impl Pool {
     }
 }
 
+/// A server frame's header: final bit, opcode, payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// FIN: the last frame of its message.
+    pub fin: bool,
+    /// The opcode (low four bits of the first byte).
+    pub opcode: u8,
+    /// Payload length.
+    pub len: u64,
+}
+
+/// Collects a server frame's header bytes across reads (2 to 10 bytes; 14 with a mask, which
+/// [`HeadBuf::parse`] then refuses).
+#[derive(Debug, Default)]
+pub struct HeadBuf {
+    bytes: [u8; 14],
+    len: usize,
+}
+
+impl HeadBuf {
+    /// Accumulates header bytes; returns how many bytes of `data` completed the header, or
+    /// `None` when `data` ran out first (everything was consumed).
+    pub fn take(&mut self, data: &[u8]) -> Option<usize> {
+        let mut used = 0;
+        loop {
+            let need = if self.len < 2 {
+                2
+            } else {
+                let ext = match self.bytes[1] & 0x7F {
+                    126 => 2,
+                    127 => 8,
+                    _ => 0,
+                };
+                let mask = if self.bytes[1] & 0x80 != 0 { 4 } else { 0 };
+                2 + ext + mask
+            };
+            if self.len == need {
+                return Some(used);
+            }
+            let take = (need - self.len).min(data.len() - used);
+            if take == 0 {
+                return None;
+            }
+            self.bytes[self.len..self.len + take].copy_from_slice(&data[used..used + take]);
+            self.len += take;
+            used += take;
+        }
+    }
+
+    /// Decodes the complete header [`HeadBuf::take`] collected and empties the buffer for the
+    /// next one.
+    ///
+    /// # Errors
+    ///
+    /// RSV bits set (no extension was negotiated, RFC 6455 §5.2) or a masked frame (§5.1).
+    pub fn parse(&mut self) -> Result<Head, String> {
+        let [b0, b1] = [self.bytes[0], self.bytes[1]];
+        self.len = 0;
+        if b0 & 0x70 != 0 {
+            // RFC 6455 §5.2: RSV bits must be 0 unless an extension was negotiated (none was).
+            return Err(format!("server frame has RSV bits set: {b0:#04x}"));
+        }
+        if b1 & 0x80 != 0 {
+            // RFC 6455 §5.1: a server must not mask frames it sends.
+            return Err("server sent a masked frame".into());
+        }
+        let len = match b1 & 0x7F {
+            126 => u16::from_be_bytes([self.bytes[2], self.bytes[3]]) as u64,
+            127 => u64::from_be_bytes(self.bytes[2..10].try_into().unwrap_or([0xFF; 8])),
+            n => n as u64,
+        };
+        Ok(Head {
+            fin: b0 & 0x80 != 0,
+            opcode: b0 & 0x0F,
+            len,
+        })
+    }
+}
+
 /// A message sent and not yet echoed back.
 #[derive(Debug, Clone, Copy)]
 pub struct Pending {
@@ -249,8 +334,7 @@ pub struct Pending {
 /// arrives, so a 16 MiB echo needs no reassembly buffer.
 #[derive(Debug, Default)]
 pub struct Reader {
-    header: [u8; 14],
-    header_len: usize,
+    head: HeadBuf,
     in_frame: bool,
     fin: bool,
     control: bool,
@@ -275,7 +359,7 @@ impl Reader {
     ) -> Result<(), String> {
         loop {
             if !self.in_frame {
-                match self.take_header(data) {
+                match self.head.take(data) {
                     Some(used) => data = &data[used..],
                     None => return Ok(()),
                 }
@@ -333,56 +417,10 @@ impl Reader {
         }
     }
 
-    /// Accumulates header bytes; returns how many bytes of `data` completed the header, or `None`
-    /// when `data` ran out first (everything was consumed).
-    fn take_header(&mut self, data: &[u8]) -> Option<usize> {
-        let mut used = 0;
-        loop {
-            let need = if self.header_len < 2 {
-                2
-            } else {
-                let ext = match self.header[1] & 0x7F {
-                    126 => 2,
-                    127 => 8,
-                    _ => 0,
-                };
-                let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
-                2 + ext + mask
-            };
-            if self.header_len == need {
-                return Some(used);
-            }
-            let take = (need - self.header_len).min(data.len() - used);
-            if take == 0 {
-                return None;
-            }
-            self.header[self.header_len..self.header_len + take]
-                .copy_from_slice(&data[used..used + take]);
-            self.header_len += take;
-            used += take;
-        }
-    }
-
     /// Validates a complete header and sets up the frame's payload state.
     fn start_frame(&mut self, pool: &Pool, pending: &VecDeque<Pending>) -> Result<(), String> {
-        let b0 = self.header[0];
-        let b1 = self.header[1];
-        self.header_len = 0;
-        if b0 & 0x70 != 0 {
-            // RFC 6455 §5.2: RSV bits must be 0 unless an extension was negotiated (none was).
-            return Err(format!("server frame has RSV bits set: {b0:#04x}"));
-        }
-        if b1 & 0x80 != 0 {
-            // RFC 6455 §5.1: a server must not mask frames it sends.
-            return Err("server sent a masked frame".into());
-        }
-        let len = match b1 & 0x7F {
-            126 => u16::from_be_bytes([self.header[2], self.header[3]]) as u64,
-            127 => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or([0xFF; 8])),
-            n => n as u64,
-        };
-        let opcode = b0 & 0x0F;
-        self.fin = b0 & 0x80 != 0;
+        let Head { fin, opcode, len } = self.head.parse()?;
+        self.fin = fin;
         self.remaining = len;
         self.in_frame = true;
         self.control = opcode >= 0x8;
