@@ -1,27 +1,53 @@
-//! Chat room: every message is published to all connections on every shard through the
-//! `chat` topic (one encoded frame shared by all subscribers). Open
-//! <http://127.0.0.1:9002/> in a few browser tabs to try it.
+//! Chat rooms: every room is a topic, every line is published to it once (one encoded frame
+//! shared by all subscribers on every shard). Open <http://127.0.0.1:9002/> in a few browser
+//! tabs to try it; `/#kitchen` (or `/?room=kitchen`) is the room `kitchen`, `/` the `lobby`.
+//!
+//! With a broker, rooms span processes: two chat processes on the same Redis or NATS server
+//! share their rooms, so a page on one and a page on the other talk to each other (see
+//! "Running more than one node" in the README).
 //!
 //! ```sh
 //! cargo run --release --example chat -- --addr 127.0.0.1:9002 --shards 2
+//! cargo run --release --features redis --example chat -- --addr 127.0.0.1:9002 \
+//!     --redis redis://127.0.0.1:6379
+//! cargo run --release --features nats --example chat -- --addr 127.0.0.1:9003 \
+//!     --nats nats://127.0.0.1:4222
 //! ```
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use ringsock::proto::handshake::{HttpError, Request};
 use ringsock::proto::CloseCode;
-use ringsock::server::{Builder, Handler, HttpResponse, Message, Upgrade, Ws};
+use ringsock::server::{
+    BrokerNotice, Builder, Handler, HttpResponse, Message, ServerHandle, Upgrade, Ws,
+};
+
+const USAGE: &str = "\
+usage: chat [--addr HOST:PORT] [--shards N] [--redis URL | --nats URL]
+
+Serves a chat page on http://HOST:PORT/; /#ROOM or /?room=ROOM picks a room (up to 64
+letters, digits, '-' and '_'; default lobby).
+
+  --addr HOST:PORT  where to listen (default 127.0.0.1:9002)
+  --shards N        shard threads, 0 for one per CPU (default 0)
+  --redis URL       share rooms with other chat processes through Redis pub/sub,
+                    e.g. redis://127.0.0.1:6379 (needs --features redis)
+  --nats URL        the same through NATS, e.g. nats://127.0.0.1:4222 (needs --features nats)
+  -h, --help        this text
+";
 
 const PAGE: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>ringsock chat</title>
 <style>
 body { font: 15px system-ui, sans-serif; max-width: 40em; margin: 2em auto; }
 #log { border: 1px solid #ccc; height: 24em; overflow-y: auto; padding: .5em; }
-#log p { margin: .2em 0; } .sys { color: #888; }
+#log p { margin: .2em 0; } .sys { color: #888; } #where { color: #888; font-size: 60%; }
 form { display: flex; gap: .5em; margin-top: .5em; } #text { flex: 1; }
 </style></head>
 <body>
-<h1>ringsock chat</h1>
+<h1>ringsock chat <span id="where"></span></h1>
 <div id="log"></div>
 <form id="form"><input id="text" autocomplete="off" placeholder="Say something"><button>Send</button></form>
 <script>
@@ -33,10 +59,19 @@ function line(text, cls) {
   log.appendChild(p);
   log.scrollTop = log.scrollHeight;
 }
-const ws = new WebSocket(`ws://${location.host}/ws`);
-ws.onopen = () => line('connected', 'sys');
-ws.onclose = (e) => line(`disconnected (${e.code})`, 'sys');
-ws.onmessage = (e) => line(e.data);
+let ws = null;
+function join() {
+  const room = location.hash.slice(1) || new URLSearchParams(location.search).get('room') || 'lobby';
+  document.getElementById('where').textContent = `room ${room} on ${location.host}`;
+  log.textContent = '';
+  if (ws) { ws.onclose = null; ws.close(); }
+  ws = new WebSocket(`ws://${location.host}/ws?room=${encodeURIComponent(room)}`);
+  ws.onopen = () => line(`connected to room ${room}`, 'sys');
+  ws.onclose = (e) => line(`disconnected (${e.code}${e.reason ? ': ' + e.reason : ''})`, 'sys');
+  ws.onmessage = (e) => line(e.data, e.data.startsWith('* ') ? 'sys' : '');
+}
+window.onhashchange = join;
+join();
 document.getElementById('form').onsubmit = (e) => {
   e.preventDefault();
   const input = document.getElementById('text');
@@ -50,32 +85,60 @@ document.getElementById('form').onsubmit = (e) => {
 /// Longest accepted chat line, in bytes.
 const MAX_LINE: usize = 4096;
 
+/// Longest room name, in bytes.
+const MAX_ROOM: usize = 64;
+
 struct Chat {
     next_id: AtomicU64,
+    /// Random per process, so guests on different nodes get different names.
+    names: std::collections::hash_map::RandomState,
+    /// The running server, to tell every local visitor about the broker link.
+    server: Arc<OnceLock<ServerHandle>>,
 }
 
-/// Per connection: the visitor's name.
+/// Per connection: the visitor's name and room.
 struct Visitor {
     name: String,
+    room: String,
+}
+
+/// The room named in `path`'s query (`/ws?room=NAME`): letters, digits, `-` and `_`, so that
+/// the topic is a plain token on every broker. `None` for anything else.
+fn room_of(path: &str) -> Option<String> {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let room = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("room="))
+        .unwrap_or("lobby");
+    let valid = !room.is_empty()
+        && room.len() <= MAX_ROOM
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid.then(|| room.to_owned())
 }
 
 impl Handler for Chat {
     type State = Visitor;
 
     fn on_upgrade(&self, req: &Request<'_>, _: &mut Upgrade) -> Result<Visitor, HttpError> {
-        if req.path() != "/ws" {
+        let path = req.path();
+        if path != "/ws" && !path.starts_with("/ws?") {
             return Err(HttpError::NotFound);
         }
+        let room = room_of(path).ok_or(HttpError::BadRequest(
+            "room: 1-64 letters, digits, '-' or '_'",
+        ))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Visitor {
-            name: format!("guest-{id}"),
-        })
+        let name = format!("guest-{:04x}", self.names.hash_one(id) & 0xffff);
+        Ok(Visitor { name, room })
     }
 
     fn on_open(&self, ws: &mut Ws<'_, Visitor>) {
-        ws.subscribe("chat");
+        let room = ws.state().room.clone();
+        ws.subscribe(&room);
         let note = format!("* {} joined", ws.state().name);
-        ws.publish("chat", Message::Text(&note));
+        ws.publish(&room, Message::Text(&note));
     }
 
     fn on_message(&self, ws: &mut Ws<'_, Visitor>, msg: Message<'_>) {
@@ -87,43 +150,153 @@ impl Handler for Chat {
             ws.close(CloseCode::POLICY, "line too long");
             return;
         }
-        let line = format!("{}: {}", ws.state().name, text);
-        ws.publish("chat", Message::Text(&line));
+        let visitor = ws.state();
+        let line = format!("{}: {}", visitor.name, text);
+        let room = visitor.room.clone();
+        ws.publish(&room, Message::Text(&line));
     }
 
     fn on_close(&self, ws: &mut Ws<'_, Visitor>, _: Option<CloseCode>, _: &str) {
-        let note = format!("* {} left", ws.state().name);
-        ws.publish("chat", Message::Text(&note));
+        let visitor = ws.state();
+        let note = format!("* {} left", visitor.name);
+        let room = visitor.room.clone();
+        ws.publish(&room, Message::Text(&note));
+    }
+
+    /// Tells this node's visitors, in every room, when the link to the other nodes drops and
+    /// when it is back: Redis pub/sub and NATS core keep no history, so lines said elsewhere
+    /// meanwhile are lost. (A broadcast reaches this node's connections only, which is what
+    /// we want: each node reports its own link.)
+    fn on_broker(&self, notice: BrokerNotice) {
+        eprintln!("chat: broker link: {notice:?}");
+        let line = match notice {
+            BrokerNotice::Disconnected => "* lost the link to the other nodes; reconnecting",
+            BrokerNotice::Resubscribed { gap: true } => {
+                "* the link to the other nodes is back; messages may have been missed"
+            }
+            _ => return,
+        };
+        if let Some(server) = self.server.get() {
+            server.broadcast(Message::Text(line));
+        }
     }
 
     fn on_http(&self, req: &Request<'_>) -> Option<HttpResponse> {
-        Some(match req.path() {
+        let path = req.path().split_once('?').map_or(req.path(), |(p, _)| p);
+        Some(match path {
             "/" | "/index.html" => HttpResponse::html(PAGE),
             _ => HttpResponse::not_found(),
         })
     }
 }
 
-fn arg(name: &str) -> Option<String> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == name {
-            return args.next();
+/// The command line.
+struct Args {
+    addr: String,
+    shards: usize,
+    /// `--redis URL` or `--nats URL`.
+    broker: Option<(&'static str, String)>,
+}
+
+/// Prints `message` and the usage on stderr, and exits with status 2.
+fn usage_error(message: &str) -> ! {
+    eprint!("chat: {message}\n\n{USAGE}");
+    std::process::exit(2);
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: "127.0.0.1:9002".to_owned(),
+        shards: 0,
+        broker: None,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        let mut value = || {
+            argv.next()
+                .unwrap_or_else(|| usage_error(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--addr" => args.addr = value(),
+            "--shards" => {
+                let n = value();
+                args.shards = n
+                    .parse()
+                    .unwrap_or_else(|_| usage_error(&format!("--shards {n}: not a number")));
+            }
+            "--redis" | "--nats" => {
+                let url = value();
+                if args.broker.is_some() {
+                    usage_error("give one of --redis and --nats");
+                }
+                let engine = if flag == "--redis" { "redis" } else { "nats" };
+                args.broker = Some((engine, url));
+            }
+            other => usage_error(&format!("unknown argument {other}")),
         }
     }
-    None
+    args
+}
+
+/// The builder with the broker the command line asked for, or an exit with status 2 when
+/// the URL is wrong or the engine was not built in.
+#[cfg(any(feature = "redis", feature = "nats"))]
+fn with_broker(builder: Builder, broker: Option<(&'static str, String)>) -> Builder {
+    use ringsock::broker::BrokerConfig;
+    let Some((engine, url)) = broker else {
+        return builder;
+    };
+    let config = match engine {
+        #[cfg(feature = "redis")]
+        "redis" => BrokerConfig::redis(&url),
+        #[cfg(feature = "nats")]
+        "nats" => BrokerConfig::nats(&url),
+        _ => missing_feature(engine),
+    };
+    match config {
+        Ok(config) => builder.broker(config),
+        Err(e) => {
+            eprintln!("chat: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Without a broker engine built in, only the absence of `--redis` and `--nats` is fine.
+#[cfg(not(any(feature = "redis", feature = "nats")))]
+fn with_broker(builder: Builder, broker: Option<(&'static str, String)>) -> Builder {
+    match broker {
+        None => builder,
+        Some((engine, _)) => missing_feature(engine),
+    }
+}
+
+/// Says how to build the example with `engine` and exits with status 2.
+fn missing_feature(engine: &str) -> ! {
+    eprintln!(
+        "chat: --{engine} needs the `{engine}` feature; build with \
+         cargo run --release --features {engine} --example chat -- --{engine} URL"
+    );
+    std::process::exit(2);
 }
 
 fn main() {
-    let addr = arg("--addr").unwrap_or_else(|| "127.0.0.1:9002".into());
-    let shards = arg("--shards").and_then(|s| s.parse().ok()).unwrap_or(0);
-    let server = Builder::new()
-        .addr(addr.as_str())
-        .shards(shards)
-        .max_message_size(64 * 1024)
-        .build(Chat {
-            next_id: AtomicU64::new(1),
-        });
+    let args = parse_args();
+    let server_cell = Arc::new(OnceLock::new());
+    let brokered = args.broker.as_ref().map(|(engine, _)| *engine);
+    let builder = Builder::new()
+        .addr(args.addr.as_str())
+        .shards(args.shards)
+        .max_message_size(64 * 1024);
+    let server = with_broker(builder, args.broker).build(Chat {
+        next_id: AtomicU64::new(1),
+        names: std::collections::hash_map::RandomState::new(),
+        server: Arc::clone(&server_cell),
+    });
     let handle = match server.start() {
         Ok(handle) => handle,
         Err(e) => {
@@ -131,8 +304,12 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let _ = server_cell.set(handle.clone());
+    let across = brokered.map_or(String::new(), |engine| {
+        format!(", rooms shared with other nodes through {engine}")
+    });
     println!(
-        "chat: open http://{}/ ({} shards)",
+        "chat: open http://{}/ ({} shards{across})",
         handle.local_addr(),
         handle.shards()
     );
