@@ -270,12 +270,13 @@ fn run_one(
             let extra = [flag, url];
             let kind = Kind::Ringsock(bin.clone());
             let (a_addr, b_addr) = (servers::free_addr()?, servers::free_addr()?);
-            let node_a =
-                ServerProc::start_with(&kind, a_addr, Some(cores.node_a), &[], &extra, secs(10))
-                    .map_err(|e| format!("node A: {e}"))?;
-            let node_b =
-                ServerProc::start_with(&kind, b_addr, Some(cores.server), &[], &extra, secs(10))
-                    .map_err(|e| format!("node B: {e}"))?;
+            // The nodes' own lines (broker link up or down) go to a log, not between tables.
+            let log = args.out_dir().join(format!("nodes-{}.log", engine.name()));
+            let start = |addr, core| {
+                ServerProc::start_with(&kind, addr, Some(core), &[], &extra, Some(&log), secs(10))
+            };
+            let node_a = start(a_addr, cores.node_a).map_err(|e| format!("node A: {e}"))?;
+            let node_b = start(b_addr, cores.server).map_err(|e| format!("node B: {e}"))?;
             p.sub_addr = b_addr;
             p.pub_addr = a_addr;
             p.watch = vec![

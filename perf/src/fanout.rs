@@ -364,8 +364,11 @@ struct Publisher {
     written: usize,
     /// Publications written in the window.
     in_window: u64,
-    /// Fixed rate: schedule slots given up because the server did not take publications.
+    /// Fixed rate: schedule slots given up, the publisher having fallen more than 10 ms
+    /// behind: because the server did not take what was written (the socket was full)...
     given_up: u64,
+    /// ...or, of those, because the generator itself came back late (busy reading).
+    late: u64,
     rng: Rng,
 }
 
@@ -683,9 +686,13 @@ fn worker(
         if let Some(pb) = publisher.as_ref().filter(|pb| pb.given_up > 0) {
             generator::progress_done();
             eprintln!(
-                "note: {}: the publisher fell behind its schedule by {} publications (the \
-                 server did not read them in time)",
-                p.label, pb.given_up
+                "note: {}: the publisher fell behind its schedule and gave up {} publications: \
+                 {} with its socket full (the server did not read them in time), {} with the \
+                 generator busy elsewhere",
+                p.label,
+                pb.given_up,
+                pb.given_up - pb.late,
+                pb.late
             );
         }
         generator::progress_done();
@@ -741,6 +748,7 @@ fn open_publisher(
         written: 0,
         in_window: 0,
         given_up: 0,
+        late: 0,
         rng: Rng::new(0x9B_0B ^ std::process::id() as u64),
     })
 }
@@ -762,6 +770,9 @@ fn publish(
         let slack = (p.rate / 100.0).max(1.0) as u64;
         if due > next + slack {
             pb.given_up += due - next - slack;
+            if pb.out.len() == pb.written {
+                pb.late += due - next - slack;
+            }
         }
         due.min(next + slack)
     } else {

@@ -10,7 +10,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::task::{ready, Poll};
@@ -123,20 +123,22 @@ impl ServerProc {
         wrapper: &[String],
         ready_timeout: Duration,
     ) -> Result<ServerProc, String> {
-        ServerProc::start_with(kind, addr, core, wrapper, &[], ready_timeout)
+        ServerProc::start_with(kind, addr, core, wrapper, &[], None, ready_timeout)
     }
 
-    /// [`ServerProc::start`] with `extra` arguments after the server's own (e.g. a broker URL).
+    /// [`ServerProc::start`] with `extra` arguments after the server's own (e.g. a broker URL),
+    /// and with its stdout and stderr appended to `log` if given.
     ///
     /// # Errors
     ///
-    /// As [`ServerProc::start`].
+    /// As [`ServerProc::start`]; also when `log` cannot be opened.
     pub fn start_with(
         kind: &Kind,
         addr: SocketAddr,
         core: Option<usize>,
         wrapper: &[String],
         extra: &[String],
+        log: Option<&Path>,
         ready_timeout: Duration,
     ) -> Result<ServerProc, String> {
         let (name, bin, mut args) = kind.command(addr).map_err(|e| e.to_string())?;
@@ -150,8 +152,19 @@ impl ServerProc {
             None => Command::new(&bin),
         };
         cmd.args(&args);
-        let (stdout, stderr) = (Stdio::null(), Stdio::inherit());
-        ServerProc::spawn(&name, cmd, addr, core, (stdout, stderr), ready_timeout)
+        let Some(log) = log else {
+            let output = (Stdio::null(), Stdio::inherit());
+            return ServerProc::spawn(&name, cmd, addr, core, output, ready_timeout);
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let copy = file.try_clone().map_err(|e| e.to_string())?;
+        let output = (Stdio::from(copy), Stdio::from(file));
+        ServerProc::spawn(&name, cmd, addr, core, output, ready_timeout)
+            .map_err(|e| format!("{e} (log: {})", log.display()))
     }
 
     /// Starts `cmd` (stdin closed, stdout and stderr to `output`) as a child that dies with
