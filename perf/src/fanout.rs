@@ -367,7 +367,8 @@ struct Publisher {
     /// Fixed rate: schedule slots given up, the publisher having fallen more than 10 ms
     /// behind: because the server did not take what was written (the socket was full)...
     given_up: u64,
-    /// ...or, of those, because the generator itself came back late (busy reading).
+    /// ...or, of those, because the generator itself came back late (busy reading, or
+    /// waiting for its core).
     late: u64,
     rng: Rng,
 }
@@ -688,7 +689,7 @@ fn worker(
             eprintln!(
                 "note: {}: the publisher fell behind its schedule and gave up {} publications: \
                  {} with its socket full (the server did not read them in time), {} with the \
-                 generator busy elsewhere",
+                 generator itself late (busy reading, or waiting for its core: gwait)",
                 p.label,
                 pb.given_up,
                 pb.given_up - pb.late,

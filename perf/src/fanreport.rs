@@ -254,7 +254,7 @@ pub fn table(p: &FanParams, results: &[FanResult], reps: usize) -> String {
         writeln!(
             out,
             "{:<8} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8} {:>5} {:>7} {:>7} \
-             {:>7} {:>5} {:>9} {:>9} {:>9} {:>5} {:>7}",
+             {:>7} {:>5} {:>9} {:>9} {:>9} {:>5} {:>5} {:>7}",
             "engine",
             "dlv/s",
             "pub/s",
@@ -274,6 +274,7 @@ pub fn table(p: &FanParams, results: &[FanResult], reps: usize) -> String {
             "A RSS",
             "brk RSS",
             "gen%",
+            "gwait",
             "gen ns",
         )
         .ok();
@@ -285,7 +286,8 @@ pub fn table(p: &FanParams, results: &[FanResult], reps: usize) -> String {
             writeln!(
                 out,
                 "{:<8} {:>9} {:>9} {:>6.2} {:>8.1} {:>8.1} {:>8.1} {:>5.0} {:>5.0} {:>8.0} \
-                 {:>5.0} {:>7.0} {:>7.0} {:>7.0} {:>5.0} {:>9} {:>9} {:>9} {:>5.0} {:>7.0}",
+                 {:>5.0} {:>7.0} {:>7.0} {:>7.0} {:>5.0} {:>9} {:>9} {:>9} {:>5.0} {:>5.0} \
+                 {:>7.0}",
                 r.name,
                 si(m.deliveries_per_sec),
                 si(m.publications_per_sec),
@@ -305,6 +307,7 @@ pub fn table(p: &FanParams, results: &[FanResult], reps: usize) -> String {
                 bytes(m.peak_rss[1]),
                 bytes(m.peak_rss[2]),
                 m.generator_cpu_pct,
+                m.generator_wait_pct,
                 m.generator_ns_per_delivery,
             )
             .ok();
