@@ -398,7 +398,7 @@ fn remote_sends_from_another_thread() {
 
 #[test]
 fn publish_reaches_subscribers_on_every_shard() {
-    let (handle, _) = start(builder().shards(2));
+    let (handle, probe) = start(builder().shards(2));
     // Connect until both shards hold a subscriber (SO_REUSEPORT spreads by hash).
     let mut clients: Vec<(RawClient, usize)> = Vec::new();
     let mut seen = [false; 2];
@@ -426,6 +426,15 @@ fn publish_reaches_subscribers_on_every_shard() {
     for (c, _) in &mut clients {
         assert_eq!(c.read_frame().payload, b"from the handle");
         assert_eq!(c.read_frame().payload, b"to everyone");
+    }
+    // From another thread, through a connection's Remote: every shard, not only its own.
+    let remote = probe.remotes.lock().unwrap()[0].clone();
+    let shards = std::thread::spawn(move || remote.publish("room", Message::Text("remote")))
+        .join()
+        .unwrap();
+    assert_eq!(shards, 2);
+    for (c, _) in &mut clients {
+        assert_eq!(c.read_frame().payload, b"remote");
     }
     handle.publish("nobody-listens", Message::Text("lost"));
     drop(clients);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::command::{Command, Mailbox, Posted};
-use super::pubsub::Topics;
+use super::pubsub::{Topics, Uplink};
 use super::slab::ConnId;
 use crate::proto::handshake::{HttpError, Request};
 use crate::proto::{encode_frame, CloseCode, Connection, OpCode};
@@ -291,6 +291,10 @@ impl<S> Session<'_, S> {
             mailbox: Arc::clone(&self.ctx.mailboxes[self.ctx.shard]),
             id: self.link.id,
             gone: Arc::clone(gone),
+            node: Node {
+                mailboxes: Arc::clone(&self.ctx.mailboxes),
+                uplink: self.ctx.topics.uplink().cloned(),
+            },
         }
     }
 }
@@ -302,6 +306,35 @@ pub(crate) struct ConnHandle {
     mailbox: Arc<Mailbox>,
     id: ConnId,
     gone: Arc<AtomicBool>,
+    node: Node,
+}
+
+/// The whole node, for publishing from any thread: every shard's mailbox, and the uplink to
+/// other nodes if a broker is configured.
+#[derive(Clone)]
+pub(crate) struct Node {
+    mailboxes: Arc<[Arc<Mailbox>]>,
+    uplink: Option<Arc<dyn Uplink>>,
+}
+
+impl Node {
+    /// Publishes a ready frame to every subscriber of `topic`: other nodes through the
+    /// uplink, every local shard by command. Returns how many local shards took it.
+    pub fn publish(&self, topic: &str, frame: Bytes) -> usize {
+        let topic: Arc<str> = Arc::from(topic);
+        if let Some(uplink) = &self.uplink {
+            uplink.publish(&topic, &frame);
+        }
+        self.mailboxes
+            .iter()
+            .filter(|m| {
+                m.post(Command::Publish {
+                    topic: Arc::clone(&topic),
+                    frame: frame.clone(),
+                }) == Posted::Queued
+            })
+            .count()
+    }
 }
 
 impl ConnHandle {
@@ -317,6 +350,11 @@ impl ConnHandle {
             Posted::Full => SendStatus::QueueFull,
             Posted::Stopped => SendStatus::Closed,
         }
+    }
+
+    /// The node this connection is on.
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     /// The owning shard's index.

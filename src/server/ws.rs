@@ -150,6 +150,14 @@ impl Remote {
         })
     }
 
+    /// Sends a message to every subscriber of `topic` on every shard, and on every other node
+    /// with a broker configured (encoded once), as [`crate::server::ServerHandle::publish`]
+    /// does; returns how many local shards took it (one with a full command queue misses
+    /// it).
+    pub fn publish(&self, topic: &str, msg: Message<'_>) -> usize {
+        self.handle.node().publish(topic, encode_shared(msg))
+    }
+
     /// Starts the closing handshake (see [`Remote::send_text`] for the result).
     pub fn close(&self, code: CloseCode, reason: &str) -> SendStatus {
         let reason = truncate_reason(reason).to_owned();
