@@ -6,7 +6,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
@@ -401,35 +401,19 @@ fn emit(
     results: &[FanResult],
     reps: usize,
 ) -> Result<serde_json::Value, String> {
-    let table = fanreport::table(p, results, reps);
-    if args.json {
-        eprint!("{table}");
-    } else {
-        print!("{table}");
-    }
-    let doc = fanreport::case_json(p, results, reps);
-    let dir = args.out_dir();
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let base = dir.join(format!("{stamp}-{}", fanreport::slug(p)));
-    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    fs::write(base.with_extension("json"), text).map_err(|e| e.to_string())?;
     let title = format!(
         "{} - publish-to-deliver latency by percentile",
         fanreport::title(p)
     );
-    let lines: Vec<(&str, &Histogram<u64>)> = results
+    let lines = results
         .iter()
         .map(|r| (r.name.as_str(), &r.merged))
         .collect();
-    fs::write(
-        base.with_extension("svg"),
-        crate::report::svg(&title, &lines),
+    crate::write_case(
+        args,
+        &fanreport::table(p, results, reps),
+        fanreport::case_json(p, results, reps),
+        &fanreport::slug(p),
+        Some((title, lines)),
     )
-    .map_err(|e| e.to_string())?;
-    eprintln!("results: {}.{{json,svg}}", base.display());
-    Ok(doc)
 }

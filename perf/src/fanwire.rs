@@ -277,18 +277,7 @@ impl FanReader {
 mod tests {
     use super::*;
 
-    /// A server's unmasked frame.
-    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        if payload.len() < 126 {
-            out.push(payload.len() as u8);
-        } else {
-            out.push(126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        out.extend_from_slice(payload);
-        out
-    }
+    use crate::wire::server_frame as frame;
 
     /// What a server delivers for publication `seq`: the client's frame, unmasked.
     fn delivered(pubs: &Publications, seq: u64) -> Vec<u8> {

@@ -442,28 +442,51 @@ fn emit(
     results: &[ServerResult],
     reps: usize,
 ) -> Result<serde_json::Value, String> {
-    let table = report::table(p, results, reps);
+    let svg = (p.scenario != Scenario::Connections).then(|| {
+        let title = format!("{} - latency by percentile", report::case_title(p));
+        let lines = results
+            .iter()
+            .map(|r| (r.name.as_str(), &r.merged))
+            .collect();
+        (title, lines)
+    });
+    write_case(
+        args,
+        &report::table(p, results, reps),
+        report::case_json(p, results, reps),
+        &report::case_slug(p),
+        svg,
+    )
+}
+
+/// One latency histogram per server, named, for an SVG.
+pub(crate) type LatencyLines<'a> = Vec<(&'a str, &'a Histogram<u64>)>;
+
+/// Prints a case's table (stdout, or stderr under `--json`), writes its JSON and, given a
+/// title and one latency histogram per server, its SVG to `<out>/<unix time>-<slug>`, and
+/// returns the JSON.
+pub(crate) fn write_case(
+    args: &Args,
+    table: &str,
+    doc: serde_json::Value,
+    slug: &str,
+    svg: Option<(String, LatencyLines<'_>)>,
+) -> Result<serde_json::Value, String> {
     if args.json {
         eprint!("{table}");
     } else {
         print!("{table}");
     }
-    let doc = report::case_json(p, results, reps);
     let dir = args.out_dir();
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let base = dir.join(format!("{stamp}-{}", report::case_slug(p)));
+    let base = dir.join(format!("{stamp}-{slug}"));
     let json_text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     fs::write(base.with_extension("json"), json_text).map_err(|e| e.to_string())?;
-    if p.scenario != Scenario::Connections {
-        let title = format!("{} - latency by percentile", report::case_title(p));
-        let lines: Vec<(&str, &Histogram<u64>)> = results
-            .iter()
-            .map(|r| (r.name.as_str(), &r.merged))
-            .collect();
+    if let Some((title, lines)) = svg {
         fs::write(base.with_extension("svg"), report::svg(&title, &lines))
             .map_err(|e| e.to_string())?;
     }

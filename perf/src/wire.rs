@@ -464,24 +464,25 @@ impl Reader {
 }
 
 #[cfg(test)]
+/// A server's (unmasked) frame, for feeding the reader.
+pub(crate) fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    if payload.len() < 126 {
+        out.push(payload.len() as u8);
+    } else if payload.len() <= 0xFFFF {
+        out.push(126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A server's (unmasked) frame, for feeding the reader.
-    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        if payload.len() < 126 {
-            out.push(payload.len() as u8);
-        } else if payload.len() <= 0xFFFF {
-            out.push(126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        } else {
-            out.push(127);
-            out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-        out.extend_from_slice(payload);
-        out
-    }
 
     fn pending(variants: &[usize]) -> VecDeque<Pending> {
         let now = Instant::now();
