@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use ringsock::proto::handshake::{HttpError, Request};
 use ringsock::proto::CloseCode;
 use ringsock::server::{
-    BrokerNotice, Builder, Handler, HttpResponse, Message, ServerHandle, Upgrade, Ws,
+    BrokerNotice, Builder, Decision, Handler, HttpResponse, Message, ServerHandle, Upgrade, Ws,
 };
 
 const USAGE: &str = "\
@@ -121,17 +121,17 @@ fn room_of(path: &str) -> Option<String> {
 impl Handler for Chat {
     type State = Visitor;
 
-    fn on_upgrade(&self, req: &Request<'_>, _: &mut Upgrade) -> Result<Visitor, HttpError> {
+    fn on_upgrade(&self, req: &Request<'_>, _: &mut Upgrade<Visitor>) -> Decision<Visitor> {
         let path = req.path();
         if path != "/ws" && !path.starts_with("/ws?") {
-            return Err(HttpError::NotFound);
+            return Decision::from(HttpError::NotFound);
         }
-        let room = room_of(path).ok_or(HttpError::BadRequest(
-            "room: 1-64 letters, digits, '-' or '_'",
-        ))?;
+        let Some(room) = room_of(path) else {
+            return HttpError::BadRequest("room: 1-64 letters, digits, '-' or '_'").into();
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let name = format!("guest-{:04x}", self.names.hash_one(id) & 0xffff);
-        Ok(Visitor { name, room })
+        Decision::Accept(Visitor { name, room })
     }
 
     fn on_open(&self, ws: &mut Ws<'_, Visitor>) {

@@ -10,16 +10,16 @@
 //! 64 MiB are accepted, in frames of up to 64 MiB. `--no-buffer-ring` switches to the
 //! fallback path (single-shot receives into per-connection buffers).
 
-use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
+use ringsock::proto::handshake::Request;
+use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
 
 struct Echo;
 
 impl Handler for Echo {
     type State = ();
 
-    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {

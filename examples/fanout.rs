@@ -20,7 +20,7 @@ use std::process::exit;
 use std::sync::Arc;
 
 use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
+use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
 
 const USAGE: &str = "\
 usage: fanout [--addr HOST:PORT] [--shards N] [--redis URL | --nats URL]
@@ -46,13 +46,17 @@ struct Fanout;
 impl Handler for Fanout {
     type State = Role;
 
-    fn on_upgrade(&self, req: &Request<'_>, _: &mut Upgrade) -> Result<Role, HttpError> {
+    fn on_upgrade(&self, req: &Request<'_>, _: &mut Upgrade<Role>) -> Decision<Role> {
         let path = req.path();
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         match (path.strip_prefix("/sub/"), path.strip_prefix("/pub/")) {
-            (Some(topic), _) if !topic.is_empty() => Ok(Role::Subscriber(topic.to_owned())),
-            (_, Some(topic)) if !topic.is_empty() => Ok(Role::Publisher(Arc::from(topic))),
-            _ => Err(HttpError::NotFound),
+            (Some(topic), _) if !topic.is_empty() => {
+                Decision::Accept(Role::Subscriber(topic.to_owned()))
+            }
+            (_, Some(topic)) if !topic.is_empty() => {
+                Decision::Accept(Role::Publisher(Arc::from(topic)))
+            }
+            _ => Decision::from(HttpError::NotFound),
         }
     }
 

@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
+use ringsock::proto::handshake::Request;
+use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
 
 struct Counting;
 
@@ -43,8 +43,8 @@ struct Echo;
 impl Handler for Echo {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {

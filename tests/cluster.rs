@@ -30,7 +30,7 @@ use client::{Client, Incoming};
 use node::{NodeProcess, NodeSpec};
 use ringsock::broker::Engine;
 use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Handler, Upgrade};
+use ringsock::server::{Builder, Decision, Handler, Upgrade};
 
 /// The node process (see `cluster/node.rs`); a no-op unless a test spawned it.
 #[test]
@@ -574,8 +574,8 @@ struct Refuse;
 impl Handler for Refuse {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Err(HttpError::Forbidden)
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::from(HttpError::Forbidden)
     }
 }
 

@@ -953,9 +953,9 @@ impl ringsock::server::Handler for CountingEcho {
     fn on_upgrade(
         &self,
         _: &ringsock::proto::handshake::Request<'_>,
-        _: &mut ringsock::server::Upgrade,
-    ) -> Result<(), ringsock::proto::handshake::HttpError> {
-        Ok(())
+        _: &mut ringsock::server::Upgrade<()>,
+    ) -> ringsock::server::Decision<()> {
+        ringsock::server::Decision::Accept(())
     }
 
     fn on_message(
@@ -992,8 +992,8 @@ fn graceful_shutdown_under_load_delivers_everything_sent_and_echoes_what_came_be
         fn on_upgrade(
             &self,
             r: &ringsock::proto::handshake::Request<'_>,
-            u: &mut ringsock::server::Upgrade,
-        ) -> Result<(), ringsock::proto::handshake::HttpError> {
+            u: &mut ringsock::server::Upgrade<()>,
+        ) -> ringsock::server::Decision<()> {
             self.0.on_upgrade(r, u)
         }
         fn on_message(

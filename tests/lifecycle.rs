@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{masked_frame, wait_for, RawClient};
-use ringsock::proto::handshake::{HttpError, Request};
+use ringsock::proto::handshake::Request;
 use ringsock::proto::CloseCode;
-use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
+use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
 
 fn builder() -> Builder {
     Builder::new()
@@ -28,8 +28,8 @@ struct Big(Log);
 impl Handler for Big {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, _msg: Message<'_>) {
@@ -88,8 +88,8 @@ struct DropBoom;
 impl Handler for DropBoom {
     type State = Bomb;
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<Bomb, HttpError> {
-        Ok(Bomb)
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<Bomb>) -> Decision<Bomb> {
+        Decision::Accept(Bomb)
     }
 
     fn on_message(&self, ws: &mut Ws<'_, Bomb>, msg: Message<'_>) {
@@ -134,8 +134,8 @@ struct Echo;
 impl Handler for Echo {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 }
 

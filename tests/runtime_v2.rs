@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{masked_frame, parse_frame, wait_for, Frame, Probe, TestHandler};
-use ringsock::proto::handshake::{HttpError, Request};
+use ringsock::proto::handshake::Request;
 use ringsock::proto::CloseCode;
 use ringsock::server::{
-    Builder, Handler, HttpResponse, Message, SendStatus, ServerHandle, Upgrade, Ws,
+    Builder, Decision, Handler, HttpResponse, Message, SendStatus, ServerHandle, Upgrade, Ws,
 };
 
 /// How long a client waits for any one answer.
@@ -212,11 +212,11 @@ impl Handler for Boom {
     /// The request path.
     type State = String;
 
-    fn on_upgrade(&self, req: &Request<'_>, _upgrade: &mut Upgrade) -> Result<String, HttpError> {
+    fn on_upgrade(&self, req: &Request<'_>, _upgrade: &mut Upgrade<String>) -> Decision<String> {
         if req.path() == "/boom-upgrade" {
             self.panic("on_upgrade");
         }
-        Ok(req.path().to_owned())
+        Decision::Accept(req.path().to_owned())
     }
 
     fn on_open(&self, ws: &mut Ws<'_, String>) {
@@ -416,8 +416,8 @@ struct Recorder {
 impl Handler for Recorder {
     type State = ();
 
-    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {

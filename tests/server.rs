@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{builder, masked_frame, start, wait_for, wait_idle, RawClient};
 use futures_util::{SinkExt, StreamExt};
-use ringsock::server::{Message, SendStatus, ServerHandle};
+use ringsock::server::{Decision, Message, SendStatus, ServerHandle};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message as TMessage;
@@ -610,9 +610,9 @@ impl ringsock::Handler for Streamer {
     fn on_upgrade(
         &self,
         _req: &ringsock::proto::handshake::Request<'_>,
-        _upgrade: &mut ringsock::server::Upgrade,
-    ) -> Result<(usize, usize), ringsock::proto::handshake::HttpError> {
-        Ok((0, 0))
+        _upgrade: &mut ringsock::server::Upgrade<(usize, usize)>,
+    ) -> Decision<(usize, usize)> {
+        Decision::Accept((0, 0))
     }
 
     fn on_message(&self, ws: &mut ringsock::Ws<'_, (usize, usize)>, msg: Message<'_>) {

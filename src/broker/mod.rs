@@ -111,9 +111,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-/// A warning line on stderr, as the rest of the crate writes them.
+/// A warning about the link to the broker, through `tracing` like the rest of the crate (target
+/// `ringsock::broker`).
 macro_rules! broker_log {
-    ($($arg:tt)*) => { eprintln!("ringsock: broker: {}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => { tracing::warn!(target: "ringsock::broker", $($arg)*) };
 }
 pub(crate) use broker_log;
 

@@ -168,6 +168,8 @@ pub struct Progress<'a> {
     pub consumed: usize,
     /// The event, if one is ready. `None` only once all input is consumed.
     pub event: Option<Event<'a>>,
+    /// The event is a message that came compressed (permessage-deflate).
+    pub compressed: bool,
 }
 
 /// The frame whose payload is being read.
@@ -243,6 +245,18 @@ pub struct Connection {
     scratch: Vec<u8>,
     /// `reassembly`/`inflated` were lent to the last event: clear them on the next call.
     lent: bool,
+    /// The close frames sent and received (for metrics).
+    closes: Closes,
+}
+
+/// The close frames a connection saw: `None` for none yet, `Some(None)` for one without a
+/// code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closes {
+    /// The close frame we sent (ours, or the echo of the peer's).
+    pub sent: Option<Option<CloseCode>>,
+    /// The peer's close frame.
+    pub received: Option<Option<CloseCode>>,
 }
 
 impl Connection {
@@ -262,7 +276,13 @@ impl Connection {
             inflated: Utf8Buf::default(),
             scratch: Vec::new(),
             lent: false,
+            closes: Closes::default(),
         }
+    }
+
+    /// The close frames sent and received so far.
+    pub fn closes(&self) -> Closes {
+        self.closes
     }
 
     /// The closing-handshake state.
@@ -314,6 +334,7 @@ impl Connection {
             }
         };
         let buf: &'a [u8] = buf;
+        let compressed = matches!(ready, Some(Ready::Data(_, Source::Inflated)));
         let event = match ready {
             None => None,
             Some(Ready::Data(opcode, Source::Input(range))) => {
@@ -367,6 +388,7 @@ impl Connection {
         Progress {
             consumed: pos,
             event,
+            compressed,
         }
     }
 
@@ -463,6 +485,7 @@ impl Connection {
             return Err(SendError::ControlTooLong);
         }
         encode_close(out, Some(code), reason.as_bytes());
+        self.closes.sent = Some(Some(code));
         self.state = State::CloseSent;
         Ok(())
     }
@@ -523,6 +546,7 @@ impl Connection {
     fn fail<S: Sink>(&mut self, error: ProtocolError, out: &mut S) -> Ready {
         if self.state == State::Open {
             encode_close(out, Some(error.close_code()), b"");
+            self.closes.sent = Some(Some(error.close_code()));
         }
         self.state = State::Closed;
         self.frame = None;
@@ -850,9 +874,11 @@ impl Connection {
             other => other.clone(),
         };
         let code = parse_close(payload)?;
+        self.closes.received = Some(code);
         if self.state == State::Open {
             // RFC 6455 §5.5.1: echo the status code.
             encode_close(out, code, b"");
+            self.closes.sent = Some(code);
         }
         self.state = State::Closed;
         self.message = None;

@@ -81,6 +81,54 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// How many kinds there are.
+    pub const KINDS: usize = 15;
+
+    /// Every kind, in declaration order.
+    pub const ALL: [ProtocolError; ProtocolError::KINDS] = [
+        ProtocolError::UnmaskedFrame,
+        ProtocolError::MaskedFrame,
+        ProtocolError::ReservedBits,
+        ProtocolError::ReservedOpCode,
+        ProtocolError::InvalidLength,
+        ProtocolError::ControlFrameTooLong,
+        ProtocolError::FragmentedControlFrame,
+        ProtocolError::UnexpectedContinuation,
+        ProtocolError::ExpectedContinuation,
+        ProtocolError::InvalidClosePayload,
+        ProtocolError::InvalidCloseCode,
+        ProtocolError::InvalidUtf8,
+        ProtocolError::FrameTooBig,
+        ProtocolError::MessageTooBig,
+        ProtocolError::InvalidCompressedData,
+    ];
+
+    /// The kind's position in [`ProtocolError::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A short label for metrics and logs, e.g. `invalid_utf8`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            ProtocolError::UnmaskedFrame => "unmasked_frame",
+            ProtocolError::MaskedFrame => "masked_frame",
+            ProtocolError::ReservedBits => "reserved_bits",
+            ProtocolError::ReservedOpCode => "reserved_opcode",
+            ProtocolError::InvalidLength => "invalid_length",
+            ProtocolError::ControlFrameTooLong => "control_frame_too_long",
+            ProtocolError::FragmentedControlFrame => "fragmented_control_frame",
+            ProtocolError::UnexpectedContinuation => "unexpected_continuation",
+            ProtocolError::ExpectedContinuation => "expected_continuation",
+            ProtocolError::InvalidClosePayload => "invalid_close_payload",
+            ProtocolError::InvalidCloseCode => "invalid_close_code",
+            ProtocolError::InvalidUtf8 => "invalid_utf8",
+            ProtocolError::FrameTooBig => "frame_too_big",
+            ProtocolError::MessageTooBig => "message_too_big",
+            ProtocolError::InvalidCompressedData => "invalid_compressed_data",
+        }
+    }
+
     /// The close code this error is answered with.
     pub fn close_code(self) -> CloseCode {
         match self {

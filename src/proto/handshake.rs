@@ -68,10 +68,15 @@ pub enum HttpError {
     MethodNotAllowed,
     /// 426: a `Sec-WebSocket-Version` other than 13 (RFC 6455 §4.2.2, §4.4).
     UpgradeRequired,
+    /// 413: a plain HTTP request's body is larger than the server takes.
+    PayloadTooLarge,
     /// 431: the request or its header count exceeds [`Limits`].
     HeadersTooLarge,
     /// 500: the application failed while deciding (its handler panicked).
     InternalServerError,
+    /// 501: a request body with `Transfer-Encoding` (chunked bodies are not supported:
+    /// send `Content-Length`).
+    NotImplemented,
     /// 503: the server is at its connection limit or shutting down.
     ServiceUnavailable,
 }
@@ -85,8 +90,10 @@ impl HttpError {
             HttpError::NotFound => 404,
             HttpError::MethodNotAllowed => 405,
             HttpError::UpgradeRequired => 426,
+            HttpError::PayloadTooLarge => 413,
             HttpError::HeadersTooLarge => 431,
             HttpError::InternalServerError => 500,
+            HttpError::NotImplemented => 501,
             HttpError::ServiceUnavailable => 503,
         }
     }
@@ -99,8 +106,10 @@ impl HttpError {
             HttpError::NotFound => "Not Found",
             HttpError::MethodNotAllowed => "Method Not Allowed",
             HttpError::UpgradeRequired => "Upgrade Required",
+            HttpError::PayloadTooLarge => "Content Too Large",
             HttpError::HeadersTooLarge => "Request Header Fields Too Large",
             HttpError::InternalServerError => "Internal Server Error",
+            HttpError::NotImplemented => "Not Implemented",
             HttpError::ServiceUnavailable => "Service Unavailable",
         }
     }
@@ -170,9 +179,58 @@ pub struct Request<'a> {
     method: &'a str,
     path: &'a str,
     headers: Vec<(&'a str, &'a [u8])>,
+    body: &'a [u8],
 }
 
 impl<'a> Request<'a> {
+    /// The request with its body (see [`body_length`]).
+    pub fn with_body(self, body: &'a [u8]) -> Request<'a> {
+        Request { body, ..self }
+    }
+
+    /// The body of a plain HTTP request (empty for upgrades and requests without one).
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// The request target's path, without the query string, e.g. `/chat`.
+    pub fn path_only(&self) -> &'a str {
+        self.path
+            .split_once('?')
+            .map_or(self.path, |(path, _)| path)
+    }
+
+    /// The query string after `?`, without it (`None` without one), e.g. `room=1&x=2`.
+    pub fn query(&self) -> Option<&'a str> {
+        self.path.split_once('?').map(|(_, query)| query)
+    }
+
+    /// The value of one `name=value` parameter of the query string, as sent (not
+    /// percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+        self.query()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|&(key, _)| key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// The value of a cookie from the `Cookie` headers (RFC 6265 §5.4), as sent.
+    pub fn cookie(&self, name: &str) -> Option<&'a str> {
+        self.values("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|&(key, _)| key == name)
+            .map(|(_, value)| value.trim_matches('"'))
+    }
+
+    /// Whether the client asked to close the connection after this request
+    /// (`Connection: close`, RFC 9112 §9.6).
+    pub fn wants_close(&self) -> bool {
+        self.has_token("connection", "close")
+    }
+
     /// The method, e.g. `GET`.
     pub fn method(&self) -> &'a str {
         self.method
@@ -370,6 +428,7 @@ pub fn parse_request<'a>(
                     method,
                     path,
                     headers,
+                    body: &[],
                 },
                 len,
             )))
@@ -391,6 +450,131 @@ pub fn parse_request<'a>(
             _ => "malformed request line",
         })),
     }
+}
+
+/// The length of a plain HTTP request's body (RFC 9112 §6.3): `Content-Length`, or 0.
+///
+/// # Errors
+/// 501 for `Transfer-Encoding` (chunked bodies are not supported), 400 for a malformed or
+/// repeated-and-different `Content-Length` or both headers, 413 above `max_body`.
+pub fn body_length(req: &Request<'_>, max_body: usize) -> Result<usize, HttpError> {
+    let mut lengths = req.values("content-length");
+    let length = match lengths.next() {
+        None => None,
+        Some(value) => {
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return Err(HttpError::BadRequest("invalid Content-Length"));
+            }
+            if lengths.any(|other| other != value) {
+                return Err(HttpError::BadRequest("conflicting Content-Length"));
+            }
+            // All digits: only overflow can fail, and that is too large anyway.
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok());
+            Some(n.unwrap_or(usize::MAX))
+        }
+    };
+    if req.header("transfer-encoding").is_some() {
+        if length.is_some() {
+            return Err(HttpError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        return Err(HttpError::NotImplemented);
+    }
+    match length {
+        Some(n) if n > max_body => Err(HttpError::PayloadTooLarge),
+        n => Ok(n.unwrap_or(0)),
+    }
+}
+
+/// The standard reason phrase of a status code (RFC 9110 §15), or `"Unknown"`.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// Whether `name` is a valid header name (an RFC 9110 token).
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `value` may be written as a header value (no CR, LF or NUL).
+pub fn is_header_value(value: &str) -> bool {
+    !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+}
+
+/// Appends an HTTP/1.1 response with any status, the given header lines, `Content-Length`,
+/// and `Connection: close` when `close`. Header names and values must satisfy
+/// [`is_header_name`] and [`is_header_value`] (checked in debug builds); `Content-Length`
+/// and `Connection` among them are the caller's mistake (they are written here).
+pub fn write_http(
+    out: &mut Vec<u8>,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    close: bool,
+) {
+    debug_assert!(headers
+        .iter()
+        .all(|(n, v)| is_header_name(n) && is_header_value(v)));
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, status.into());
+    out.push(b' ');
+    out.extend_from_slice(reason_phrase(status).as_bytes());
+    out.extend_from_slice(b"\r\nServer: ");
+    out.extend_from_slice(SERVER);
+    for (name, value) in headers {
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    push_decimal(out, body.len());
+    if close {
+        out.extend_from_slice(b"\r\nConnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
 }
 
 /// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2 step 5.4):
@@ -417,6 +601,18 @@ pub fn write_accept(
     key: &str,
     protocol: Option<&str>,
     extensions: Option<&str>,
+) {
+    write_accept_with(out, key, protocol, extensions, &[]);
+}
+
+/// [`write_accept`] with more header lines (e.g. `Set-Cookie`), which must satisfy
+/// [`is_header_name`] and [`is_header_value`].
+pub fn write_accept_with(
+    out: &mut Vec<u8>,
+    key: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+    headers: &[(String, String)],
 ) {
     debug_assert!(protocol.into_iter().chain(extensions).all(is_header_value));
     const HEAD: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\
@@ -449,6 +645,12 @@ pub fn write_accept(
     }
     out.extend_from_slice(SERVER_LINE);
     out.extend_from_slice(SERVER);
+    for (name, value) in headers {
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -548,9 +750,6 @@ fn valid_key(key: &[u8]) -> Option<&str> {
 }
 
 /// Whether `s` can be written as a header value without splitting the head.
-fn is_header_value(s: &str) -> bool {
-    !s.bytes().any(|b| b == b'\r' || b == b'\n')
-}
 
 #[cfg(test)]
 mod tests {

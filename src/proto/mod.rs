@@ -23,6 +23,6 @@ pub mod handshake;
 pub mod mask;
 pub mod utf8;
 
-pub use conn::{encode_frame, Config, Connection, Event, Progress, Sink, State};
+pub use conn::{encode_frame, Closes, Config, Connection, Event, Progress, Sink, State};
 pub use error::{CloseCode, ProtocolError, SendError};
 pub use frame::OpCode;

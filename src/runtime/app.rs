@@ -12,9 +12,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::command::{Command, Mailbox, Posted};
+use super::metrics::Metrics;
 use super::pubsub::{Topics, Uplink};
 use super::slab::ConnId;
-use crate::proto::handshake::{HttpError, Request};
+use crate::proto::handshake::Request;
 use crate::proto::{encode_frame, CloseCode, Connection, OpCode};
 
 /// What a shard asks of the application. Each call runs under `catch_unwind`: a panic
@@ -23,11 +24,14 @@ pub(crate) trait App: Send + Sync + 'static {
     /// Per-connection state, made at the upgrade.
     type State: Send + 'static;
 
-    /// Decides on a validated upgrade request.
-    fn upgrade(&self, req: &Request<'_>) -> Result<Accept<Self::State>, HttpError>;
+    /// Decides on a validated upgrade request: now, or later from any thread through
+    /// `defer` (then it returns [`Verdict::Defer`]).
+    fn upgrade(&self, req: &Request<'_>, defer: DeferKey) -> Verdict<Self::State>;
 
-    /// Answers a request that is not an upgrade, writing a whole HTTP response into `out`.
-    fn http(&self, req: &Request<'_>, out: &mut Vec<u8>);
+    /// Answers a request that is not an upgrade (its body is in `req`), writing one whole
+    /// HTTP response into `out`. With `keep_alive` the connection may stay open for more
+    /// requests; returns whether it should (else the response said `Connection: close`).
+    fn http(&self, req: &Request<'_>, keep_alive: bool, out: &mut Vec<u8>) -> bool;
 
     /// The connection is open (the 101 answer is queued).
     fn open(&self, session: Session<'_, Self::State>);
@@ -50,6 +54,42 @@ pub(crate) struct Accept<S> {
     pub protocol: Option<String>,
     /// Whether permessage-deflate may be negotiated.
     pub compress: bool,
+    /// More header lines for the 101 answer (valid names and values).
+    pub headers: Vec<(String, String)>,
+}
+
+/// The application's answer to an upgrade request.
+pub(crate) enum Verdict<S> {
+    /// Upgrade.
+    Accept(Accept<S>),
+    /// Answer with this whole HTTP response, then close.
+    Reject(Vec<u8>),
+    /// The answer comes later through the [`DeferKey`].
+    Defer,
+}
+
+/// The way back to a connection whose upgrade was deferred: [`DeferKey::answer`] from any
+/// thread. The handshake timeout keeps running meanwhile.
+pub(crate) struct DeferKey {
+    mailbox: Arc<Mailbox>,
+    id: ConnId,
+}
+
+impl DeferKey {
+    /// A key for connection `id` on the shard of `mailbox`.
+    pub(crate) fn new(mailbox: Arc<Mailbox>, id: ConnId) -> DeferKey {
+        DeferKey { mailbox, id }
+    }
+
+    /// Delivers the answer to the shard; `false` if the shard has stopped (the connection
+    /// itself may be gone too, which the shard notices).
+    pub fn answer<S: Send + 'static>(self, verdict: Verdict<S>) -> bool {
+        let command = Command::Decide {
+            id: self.id,
+            verdict: Box::new(verdict),
+        };
+        self.mailbox.post(command) == Posted::Queued
+    }
 }
 
 /// What [`App::deliver`] hands over; borrowed from the receive or reassembly buffer.
@@ -189,6 +229,8 @@ pub(crate) struct Ctx {
     pub publishes: Vec<(Arc<str>, Bytes)>,
     /// Connections to settle after this batch.
     pub touched: Vec<u32>,
+    /// The shard's counters.
+    pub metrics: Metrics,
 }
 
 impl Ctx {
@@ -235,7 +277,10 @@ impl<S> Session<'_, S> {
     pub fn send(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let engine = self.engine.as_deref_mut();
         let limits = self.ctx.limits;
-        let status = queue_message(self.link, engine, opcode, payload, compress, &limits);
+        let metrics = &mut self.ctx.metrics;
+        let status = queue_message(
+            self.link, engine, opcode, payload, compress, &limits, metrics,
+        );
         if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
             self.ctx.touch(self.link);
         }
@@ -378,14 +423,17 @@ pub(crate) fn queue_message(
     payload: &[u8],
     allow_compress: bool,
     limits: &SendLimits,
+    metrics: &mut Metrics,
 ) -> SendStatus {
     if !link.open {
         return SendStatus::Closed;
     }
     if link.buffered() > limits.max_buffered {
+        metrics.dropped_over_cap += 1;
         return SendStatus::Dropped;
     }
     let compress = allow_compress && link.compress && payload.len() >= link.min_compress;
+    metrics.sent.count(payload.len(), compress);
     match engine {
         Some(engine) if compress => {
             if engine.send(&mut link.out, opcode, payload, true).is_err() {
@@ -433,8 +481,17 @@ mod tests {
             high_water_mark: 8,
             max_buffered: 16,
         };
-        let send =
-            |link: &mut Link| queue_message(link, None, OpCode::Text, b"hello", true, &limits);
+        let send = |link: &mut Link| {
+            queue_message(
+                link,
+                None,
+                OpCode::Text,
+                b"hello",
+                true,
+                &limits,
+                &mut Metrics::default(),
+            )
+        };
         assert_eq!(send(&mut link), SendStatus::Closed, "not open yet");
         link.open = true;
         assert_eq!(send(&mut link), SendStatus::Queued);

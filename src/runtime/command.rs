@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::metrics::Metrics;
 use super::slab::ConnId;
 use super::sys;
 use crate::proto::{CloseCode, OpCode};
@@ -44,6 +45,19 @@ pub(crate) enum Command {
         /// The frame, encoded once for every shard.
         frame: Bytes,
     },
+    /// The deferred answer to a connection's upgrade request: a boxed
+    /// `Verdict<State>` of the shard's application.
+    Decide {
+        /// The connection; a stale identity finds nothing.
+        id: ConnId,
+        /// The verdict.
+        verdict: Box<dyn std::any::Any + Send>,
+    },
+    /// Copy the shard's counters to its mailbox now, then signal `done`.
+    Report {
+        /// Told when the copy is made.
+        done: std::sync::mpsc::Sender<()>,
+    },
     /// Graceful shutdown.
     Shutdown,
     /// Test hook: a panic in the shard's own code, as a ringsock bug would cause.
@@ -51,9 +65,16 @@ pub(crate) enum Command {
 }
 
 impl Command {
-    /// Whether the queue bound applies: data does; shutdown and test hooks always get in.
+    /// Whether the queue bound applies: data does; shutdown, upgrade answers (one per
+    /// connection), reports and test hooks always get in.
     fn bounded(&self) -> bool {
-        !matches!(self, Command::Shutdown | Command::InjectFault)
+        !matches!(
+            self,
+            Command::Shutdown
+                | Command::InjectFault
+                | Command::Report { .. }
+                | Command::Decide { .. }
+        )
     }
 }
 
@@ -84,6 +105,9 @@ pub(crate) struct Mailbox {
     refused: AtomicU64,
     /// Publications skipped for subscribers over the hard cap.
     fanout_skipped: AtomicU64,
+    /// The shard's counters as of its last copy (each timer tick, each `Report`, and at
+    /// exit); `handler_panics` and `commands_refused` are kept in the atomics above instead.
+    metrics: Mutex<Metrics>,
     stopped: AtomicBool,
     /// Why the shard failed, if it did (a ringsock bug, not a handler panic).
     failure: Mutex<Option<String>>,
@@ -104,6 +128,7 @@ impl Mailbox {
             handler_panics: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             fanout_skipped: AtomicU64::new(0),
+            metrics: Mutex::new(Metrics::default()),
             stopped: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -171,6 +196,26 @@ impl Mailbox {
     /// Publications skipped for subscribers over the hard cap so far.
     pub fn fanout_skipped(&self) -> u64 {
         self.fanout_skipped.load(Ordering::Relaxed)
+    }
+
+    /// Stores a copy of the shard's counters (from its own thread; never per message).
+    pub fn publish_metrics(&self, metrics: &Metrics) {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone_from(metrics);
+    }
+
+    /// The shard's counters as of its last copy, with the ones kept in atomics.
+    pub fn metrics(&self) -> Metrics {
+        let mut metrics = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        metrics.handler_panics = self.handler_panics();
+        metrics.commands_refused = self.refused();
+        metrics
     }
 
     /// Counts a handler panic.

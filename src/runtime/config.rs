@@ -21,6 +21,9 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// The most request header lines (431 above it). Default 64.
     pub max_headers: usize,
+    /// The largest body of a plain HTTP request (413 above it; bodies need
+    /// `Content-Length`, chunked ones get 501). Default 64 KiB.
+    pub max_http_body: usize,
     /// Connections per shard; the next one gets a 503 and is closed. Default 100 000.
     pub max_connections_per_shard: usize,
     /// Deliver messages that do not arrive whole in one read piece by piece to
@@ -37,6 +40,7 @@ impl Default for Limits {
             max_message_size: 64 << 20,
             max_request_bytes: 8 * 1024,
             max_headers: 64,
+            max_http_body: 64 * 1024,
             max_connections_per_shard: 100_000,
             stream_messages: false,
         }

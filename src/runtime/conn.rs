@@ -22,13 +22,18 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use super::app::Link;
 use super::ring::{RecvBuf, SendBuf};
 use super::sys;
+use crate::proto::deflate::DeflateParams;
 use crate::proto::{self, CloseCode, Connection, State};
 
 /// Where a connection is in its life (see the module docs).
 #[derive(Debug)]
 pub(crate) enum Phase {
-    /// Reading the upgrade request; the bytes so far.
+    /// Reading the upgrade request (or, with keep-alive, the next plain HTTP request); the
+    /// bytes so far.
     Handshake(Vec<u8>),
+    /// The application deferred its decision on the upgrade; the answer arrives as a
+    /// command, within the handshake timeout.
+    Deferred(Box<Deferred>),
     /// A WebSocket: frames go through the engine, which tracks the closing handshake.
     Ws,
     /// Writing the last output (an HTTP answer, a refusal, or what follows the closing
@@ -38,6 +43,18 @@ pub(crate) enum Phase {
     HalfClosed,
     /// Shut down both ways; freed once no operation is in flight.
     Dead,
+}
+
+/// What an upgrade waiting for the application's answer keeps.
+#[derive(Debug)]
+pub(crate) struct Deferred {
+    /// The client's `Sec-WebSocket-Key`.
+    pub key: String,
+    /// permessage-deflate as it would be negotiated, if the answer allows compression.
+    pub negotiated: Option<(DeflateParams, String)>,
+    /// Bytes that arrived after the request (frames sent before the 101, which a client
+    /// should not do; bounded by the request size limit).
+    pub early: Vec<u8>,
 }
 
 /// The connection's receive operation.
@@ -162,7 +179,10 @@ impl<S> Conn<S> {
 
     /// Writes what is queued, then closes (an HTTP answer, a refusal).
     pub fn flush_then_close(&mut self) {
-        if matches!(self.phase, Phase::Handshake(_) | Phase::Ws) {
+        if matches!(
+            self.phase,
+            Phase::Handshake(_) | Phase::Deferred(_) | Phase::Ws
+        ) {
             self.phase = Phase::Flushing;
         }
     }

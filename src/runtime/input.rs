@@ -4,13 +4,17 @@
 
 use std::io;
 
-use super::app::{App, Delivery, Session};
-use super::conn::{Phase, Recv, WsPart};
+use std::any::Any;
+use std::sync::Arc;
+
+use super::app::{App, DeferKey, Delivery, Session, Verdict};
+use super::config::millis;
+use super::conn::{Deferred, Phase, Recv, WsPart};
 use super::fault;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
+use super::slab::ConnId;
 use super::token::Token;
-use super::{debug_log, warn_log};
 use crate::proto::deflate::{self, Deflate};
 use crate::proto::handshake::{self, HttpError};
 use crate::proto::{Connection, Event, OpCode, State};
@@ -60,13 +64,17 @@ impl<A: App> Shard<A> {
                     c.peer_eof = true;
                     c.deadline.get_or_insert(now.saturating_add(core.close_ms));
                 }
-                libc::ENOBUFS | libc::ECANCELED => {} // settled below: re-armed if wanted
+                libc::ENOBUFS => core.ctx.metrics.recv_buffers_exhausted += 1,
+                libc::ECANCELED => {} // settled below: re-armed if wanted
                 libc::EINVAL if core.multishot_recv && have_bufs => {
-                    warn_log!("multishot receive refused by the kernel: single-shot receives");
+                    tracing::warn!(
+                        shard = core.ctx.shard,
+                        "multishot receive refused by the kernel: single-shot receives"
+                    );
                     core.multishot_recv = false;
                 }
                 errno => {
-                    debug_log!("recv failed: {}", io::Error::from_raw_os_error(errno));
+                    tracing::debug!(shard = core.ctx.shard, peer = %c.link.peer, error = %io::Error::from_raw_os_error(errno), "receive failed");
                     c.kill();
                 }
             }
@@ -96,6 +104,7 @@ impl<A: App> Core<A> {
         if let Some(c) = self.conns.at(slot) {
             if c.link.buffered() >= mark {
                 c.over_mark = true;
+                self.ctx.metrics.backpressure_entered += 1;
             }
         }
     }
@@ -128,6 +137,7 @@ impl<A: App> Core<A> {
             c.stash.bytes = bytes;
             if c.link.buffered() >= mark {
                 c.over_mark = true;
+                self.ctx.metrics.backpressure_entered += 1;
             }
         }
     }
@@ -137,17 +147,27 @@ impl<A: App> Core<A> {
         let Some(c) = self.conns.at(slot) else {
             return;
         };
-        match c.phase {
+        match &mut c.phase {
             Phase::Handshake(_) => self.on_request_bytes(slot, data),
             Phase::Ws => self.on_frames(slot, data),
+            Phase::Deferred(deferred) => {
+                // Frames before the 101 (a client should wait for it): kept for after the
+                // answer, within the request size limit.
+                if deferred.early.len() + data.len() > self.hs_limits.max_request_bytes {
+                    c.kill();
+                } else {
+                    deferred.early.extend_from_slice(data);
+                }
+            }
             // An HTTP answer or a refusal is being flushed, or the connection is closing:
             // the bytes are discarded.
             Phase::Flushing | Phase::HalfClosed | Phase::Dead => {}
         }
     }
 
-    /// Bytes of the upgrade request: once its head parses, answer an HTTP request, refuse,
-    /// or upgrade (then frames that came with the request go on to the engine).
+    /// Bytes of a request: each complete one is answered in order (plain HTTP, with
+    /// keep-alive and pipelining), refused, deferred, or upgraded (then frames that came with
+    /// the request go on to the engine).
     fn on_request_bytes(&mut self, slot: u32, data: &[u8]) {
         let Some(c) = self.conns.at(slot) else {
             return;
@@ -157,85 +177,186 @@ impl<A: App> Core<A> {
         };
         let mut buf = std::mem::take(request);
         buf.extend_from_slice(data);
-        let (req, head) = match handshake::parse_request(&buf, &self.hs_limits) {
-            Ok(None) => {
-                c.phase = Phase::Handshake(buf);
+        let mut start = 0;
+        loop {
+            let Some(c) = self.conns.at(slot) else {
+                return;
+            };
+            let (req, head) = match handshake::parse_request(&buf[start..], &self.hs_limits) {
+                Ok(None) => break,
+                Err(e) => {
+                    self.refuse(slot, e, "bad request");
+                    return;
+                }
+                Ok(Some(parsed)) => parsed,
+            };
+            if req.is_upgrade() {
+                // Re-parsed from a buffer of its own, so that the rest can move on.
+                let rest = buf.split_off(start + head);
+                buf.drain(..start);
+                self.on_upgrade_request(slot, &buf, rest);
                 return;
             }
-            Err(e) => {
-                debug_log!("bad request: {e}");
-                e.write_response(&mut c.link.out);
+            let body_len = match handshake::body_length(&req, self.config.limits.max_http_body) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.refuse(slot, e, "bad request body");
+                    return;
+                }
+            };
+            let end = start + head + body_len;
+            if buf.len() < end {
+                // The body is not all here yet.
+                break;
+            }
+            let req = req.with_body(&buf[start + head..end]);
+            let app = &*self.app;
+            let keep_alive = !self.shutting_down && !req.wants_close();
+            let before = c.link.out.len();
+            self.ctx.metrics.http_requests += 1;
+            let kept = match fault::guard(|| app.http(&req, keep_alive, &mut c.link.out)) {
+                Ok(kept) => kept && keep_alive,
+                Err(message) => {
+                    self.mailbox.count_panic();
+                    tracing::warn!(
+                        shard = self.ctx.shard,
+                        peer = %c.link.peer,
+                        callback = "on_http",
+                        "handler panicked: {message}; answering 500"
+                    );
+                    c.link.out.truncate(before);
+                    HttpError::InternalServerError.write_response(&mut c.link.out);
+                    false
+                }
+            };
+            self.ctx.touch(&mut c.link);
+            if !kept {
                 c.flush_then_close();
                 return;
             }
-            Ok(Some(parsed)) => parsed,
-        };
-        let app = &*self.app;
-        if !req.is_upgrade() {
-            let start = c.link.out.len();
-            if let Err(message) = fault::guard(|| app.http(&req, &mut c.link.out)) {
-                self.mailbox.count_panic();
-                warn_log!(
-                    "shard {}: handler panicked in on_http (connection from {}): {message}; \
-                     answering 500",
-                    self.ctx.shard,
-                    c.link.peer
-                );
-                c.link.out.truncate(start);
-                HttpError::InternalServerError.write_response(&mut c.link.out);
-            }
-            c.flush_then_close();
-            return;
+            // Waiting for the next request is bounded like the first one.
+            c.deadline = Some(
+                self.now
+                    .saturating_add(millis(self.config.timeouts.handshake)),
+            );
+            start = end;
         }
-        let refuse = |out: &mut Vec<u8>, e: HttpError| {
-            debug_log!("upgrade refused: {e}");
-            e.write_response(out);
+        buf.drain(..start);
+        if let Some(c) = self.conns.at(slot) {
+            c.phase = Phase::Handshake(buf);
+        }
+    }
+
+    /// Answers an error status and closes (a bad request, or a refused upgrade).
+    fn refuse(&mut self, slot: u32, e: HttpError, what: &str) {
+        let Some(c) = self.conns.at(slot) else {
+            return;
+        };
+        tracing::debug!(
+            shard = self.ctx.shard,
+            peer = %c.link.peer,
+            status = e.status(),
+            "{what}: {e}"
+        );
+        self.ctx.metrics.handshakes_failed.count(e.status());
+        e.write_response(&mut c.link.out);
+        c.flush_then_close();
+        self.ctx.touch(&mut c.link);
+    }
+
+    /// A complete upgrade request (`head`, parsed again here) and what followed it.
+    fn on_upgrade_request(&mut self, slot: u32, head: &[u8], rest: Vec<u8>) {
+        let req = match handshake::parse_request(head, &self.hs_limits) {
+            Ok(Some((req, _))) => req,
+            Ok(None) | Err(_) => {
+                self.refuse(
+                    slot,
+                    HttpError::BadRequest("malformed request"),
+                    "bad request",
+                );
+                return;
+            }
         };
         let key = match req.websocket_key() {
             Ok(key) => key,
-            Err(e) => {
-                refuse(&mut c.link.out, e);
-                c.flush_then_close();
-                return;
-            }
+            Err(e) => return self.refuse(slot, e, "upgrade refused"),
         };
-        if self.shutting_down {
-            refuse(&mut c.link.out, HttpError::ServiceUnavailable);
-            c.flush_then_close();
-            return;
+        if !matches!(handshake::body_length(&req, 0), Ok(0)) {
+            let e = HttpError::BadRequest("a body on an upgrade request");
+            return self.refuse(slot, e, "upgrade refused");
         }
-        let accept = match fault::guard(|| app.upgrade(&req)) {
-            Ok(Ok(accept)) => accept,
-            Ok(Err(e)) => {
-                refuse(&mut c.link.out, e);
-                c.flush_then_close();
-                return;
-            }
-            Err(message) => {
-                self.mailbox.count_panic();
-                warn_log!(
-                    "shard {}: handler panicked in on_upgrade (connection from {}): {message}; \
-                     answering 500",
-                    self.ctx.shard,
-                    c.link.peer
-                );
-                refuse(&mut c.link.out, HttpError::InternalServerError);
-                c.flush_then_close();
-                return;
-            }
+        if self.shutting_down {
+            return self.refuse(slot, HttpError::ServiceUnavailable, "upgrade refused");
+        }
+        let Some(c) = self.conns.at(slot) else {
+            return;
         };
         let dcfg = &self.config.deflate;
-        let negotiated = if dcfg.enabled && accept.compress {
-            deflate::negotiate(req.extension_offers(), dcfg)
-        } else {
-            None
+        let negotiated = dcfg
+            .enabled
+            .then(|| deflate::negotiate(req.extension_offers(), dcfg))
+            .flatten();
+        let app = &*self.app;
+        let defer = DeferKey::new(Arc::clone(&self.mailbox), c.link.id);
+        let verdict = match fault::guard(|| app.upgrade(&req, defer)) {
+            Ok(verdict) => verdict,
+            Err(message) => {
+                self.mailbox.count_panic();
+                tracing::warn!(
+                    shard = self.ctx.shard,
+                    peer = %c.link.peer,
+                    callback = "on_upgrade",
+                    "handler panicked: {message}; answering 500"
+                );
+                let e = HttpError::InternalServerError;
+                return self.refuse(slot, e, "upgrade failed");
+            }
         };
-        handshake::write_accept(
-            &mut c.link.out,
+        let deferred = Deferred {
+            key: key.to_owned(),
+            negotiated,
+            early: rest,
+        };
+        self.decide(slot, verdict, deferred);
+    }
+
+    /// Applies the application's verdict on an upgrade: 101 and open, an HTTP answer and
+    /// close, or wait for the deferred answer.
+    pub(super) fn decide(&mut self, slot: u32, verdict: Verdict<A::State>, d: Deferred) {
+        let Some(c) = self.conns.at(slot) else {
+            return;
+        };
+        let accept = match verdict {
+            Verdict::Accept(accept) => accept,
+            Verdict::Reject(response) => {
+                let status = response_status(&response);
+                tracing::debug!(shard = self.ctx.shard, peer = %c.link.peer, status, "upgrade refused");
+                self.ctx.metrics.handshakes_failed.count(status);
+                c.link.out.extend_from_slice(&response);
+                c.flush_then_close();
+                self.ctx.touch(&mut c.link);
+                return;
+            }
+            Verdict::Defer => {
+                c.phase = Phase::Deferred(Box::new(d));
+                return;
+            }
+        };
+        let Deferred {
             key,
+            negotiated,
+            mut early,
+        } = d;
+        let negotiated = negotiated.filter(|_| accept.compress);
+        handshake::write_accept_with(
+            &mut c.link.out,
+            &key,
             accept.protocol.as_deref(),
             negotiated.as_ref().map(|(_, header)| header.as_str()),
+            &accept.headers,
         );
+        self.ctx.metrics.upgrades += 1;
+        let dcfg = &self.config.deflate;
         let codec = negotiated.map(|(params, _)| Deflate::new(params, dcfg));
         c.link.compress = codec.is_some();
         c.link.min_compress = dcfg.min_compress_size;
@@ -248,10 +369,39 @@ impl<A: App> Core<A> {
         c.link.open = true;
         c.deadline = None;
         c.last_rx = self.now;
+        self.ctx.touch(&mut c.link);
         self.call(slot, "on_open", |app, session| app.open(session));
-        if head < buf.len() {
-            self.on_frames(slot, &mut buf[head..]);
+        if !early.is_empty() {
+            self.on_frames(slot, &mut early);
         }
+    }
+
+    /// The answer to a deferred upgrade, from another thread: applied if the connection is
+    /// still waiting for it; otherwise dropped (timed out, or gone).
+    pub(super) fn on_decide(&mut self, id: ConnId, verdict: Box<dyn Any + Send>) {
+        let Ok(verdict) = verdict.downcast::<Verdict<A::State>>() else {
+            return;
+        };
+        let Some(c) = self.conns.get(id) else {
+            // The state inside is the application's: its drop runs guarded.
+            let _ = fault::guard(move || drop(verdict));
+            return;
+        };
+        let Phase::Deferred(_) = c.phase else {
+            let _ = fault::guard(move || drop(verdict));
+            return;
+        };
+        let Phase::Deferred(deferred) =
+            std::mem::replace(&mut c.phase, Phase::Handshake(Vec::new()))
+        else {
+            return;
+        };
+        let slot = id.slot;
+        if self.shutting_down && matches!(*verdict, Verdict::Accept(_)) {
+            let _ = fault::guard(move || drop(verdict));
+            return self.refuse(slot, HttpError::ServiceUnavailable, "upgrade refused");
+        }
+        self.decide(slot, *verdict, *deferred);
     }
 
     /// Frames: through the engine, each event to the application. Data that arrives after
@@ -268,6 +418,7 @@ impl<A: App> Core<A> {
             ..
         } = self;
         let app = &**app;
+        let ctx_shard = ctx.shard;
         let Some(c) = conns.at(slot) else {
             return;
         };
@@ -282,6 +433,17 @@ impl<A: App> Core<A> {
             let progress = engine.handle_read(&mut data[pos..], &mut c.link.out);
             pos += progress.consumed;
             let Some(event) = progress.event else { break };
+            let received = &mut ctx.metrics.received;
+            match &event {
+                Event::Text(text) => received.count(text.len(), progress.compressed),
+                Event::Binary(bytes) => received.count(bytes.len(), progress.compressed),
+                Event::Fragment { data, last, .. } => {
+                    received.bytes += data.len() as u64;
+                    received.messages += u64::from(*last);
+                }
+                Event::Error(e) => ctx.metrics.protocol_errors.count(*e),
+                _ => {}
+            }
             let failed = matches!(event, Event::Error(_));
             let link = &mut c.link;
             let session = Session {
@@ -300,7 +462,12 @@ impl<A: App> Core<A> {
                     )
                 }
                 Event::Error(e) if !session.link.notified => {
-                    debug_log!("protocol error from {}: {e}", session.link.peer);
+                    tracing::debug!(
+                        shard = ctx_shard,
+                        peer = %session.link.peer,
+                        code = e.close_code().0,
+                        "protocol error: {e}"
+                    );
                     session.link.notified = true;
                     session.link.open = false;
                     let (code, reason) = (Some(e.close_code()), e.to_string());
@@ -361,4 +528,13 @@ impl<A: App> Core<A> {
         }
         ctx.touch(&mut c.link);
     }
+}
+
+/// The status code of a whole HTTP response (`HTTP/1.1 NNN ...`), or 0.
+fn response_status(response: &[u8]) -> u16 {
+    response
+        .get(9..12)
+        .and_then(|code| std::str::from_utf8(code).ok())
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
 }

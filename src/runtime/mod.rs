@@ -15,6 +15,7 @@
 //! | [`app`] | the seam to the application: `App`, `Session`, `SendStatus`, handles |
 //! | [`pubsub`] | topics and local fan-out |
 //! | [`command`] | the mailbox other threads post commands to |
+//! | [`metrics`] | per-shard counters, plain integers copied out for readers |
 //! | [`slab`] | the connection slab with 64-bit generations |
 //! | [`token`] | the `user_data` layout |
 //! | [`setup`] | kernel checks, buffer-ring fallback, the locked-memory gate |
@@ -34,6 +35,7 @@ pub(crate) mod conn;
 pub(crate) mod fault;
 pub(crate) mod fleet;
 mod input;
+pub(crate) mod metrics;
 mod output;
 pub(crate) mod pubsub;
 pub(crate) mod ring;
@@ -45,29 +47,6 @@ mod sweep;
 pub(crate) mod sys;
 pub(crate) mod token;
 
-use std::sync::OnceLock;
-
 pub use self::app::SendStatus;
 pub use self::config::{Buffers, Limits, ShardFailure, TestHooks, Timeouts};
-
-/// Whether `RINGSOCK_LOG=debug` asked for debug lines.
-pub(crate) fn debug_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("RINGSOCK_LOG").is_ok_and(|v| v == "debug"))
-}
-
-/// A warning line on stderr (the crate has no logging dependency).
-macro_rules! warn_log {
-    ($($arg:tt)*) => { eprintln!("ringsock: {}", format_args!($($arg)*)) };
-}
-
-/// A debug line on stderr, only with `RINGSOCK_LOG=debug`.
-macro_rules! debug_log {
-    ($($arg:tt)*) => {
-        if $crate::runtime::debug_enabled() {
-            eprintln!("ringsock[debug]: {}", format_args!($($arg)*))
-        }
-    };
-}
-
-pub(crate) use {debug_log, warn_log};
+pub use self::metrics::{ByCloseCode, ByProtocolError, ByStatus, Metrics, Traffic};

@@ -7,8 +7,8 @@
 use super::app::App;
 use super::conn::{Phase, Recv};
 use super::shard::Shard;
+use super::sys;
 use super::token::{Op, Token};
-use super::{sys, warn_log};
 
 impl<A: App> Shard<A> {
     /// Settles every touched connection (see the module docs).
@@ -34,7 +34,7 @@ impl<A: App> Shard<A> {
         self.core.mailbox.set_connections(self.core.conns.len());
         self.core
             .mailbox
-            .set_fanout_skipped(self.core.fanout_skipped);
+            .set_fanout_skipped(self.core.ctx.metrics.fanout_skipped);
     }
 
     fn settle_one(&mut self, slot: u32) {
@@ -59,7 +59,7 @@ impl<A: App> Shard<A> {
             if c.send.remaining() > 0 {
                 let token = Token::conn(Op::Send, id).raw();
                 if let Err(e) = ring.send(c.fd(), &mut c.send, token) {
-                    warn_log!("cannot submit a send: {e}");
+                    tracing::warn!(shard = core.ctx.shard, peer = %c.link.peer, error = %e, "cannot submit a send");
                     c.kill();
                     core.ctx.touch(&mut c.link);
                     return;
@@ -83,9 +83,11 @@ impl<A: App> Shard<A> {
         let mark = core.ctx.limits.high_water_mark;
         if c.over_mark && buffered < mark {
             c.over_mark = false;
+            core.ctx.metrics.backpressure_drained += 1;
             core.call(slot, "on_drain", |app, session| app.drain(session));
         } else if !c.over_mark && buffered >= mark {
             c.over_mark = true;
+            core.ctx.metrics.backpressure_entered += 1;
         }
         let Some(c) = core.conns.at(slot) else {
             return;
@@ -122,7 +124,7 @@ impl<A: App> Shard<A> {
                 match armed {
                     Ok(()) => c.recv = Recv::Armed,
                     Err(e) => {
-                        warn_log!("cannot arm a receive: {e}");
+                        tracing::warn!(shard = core.ctx.shard, peer = %c.link.peer, error = %e, "cannot arm a receive");
                         c.kill();
                         core.ctx.touch(&mut c.link);
                     }

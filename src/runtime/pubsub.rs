@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use super::app::Link;
 use super::conn::Conn;
+use super::metrics::Metrics;
 use super::slab::{ConnId, Slab};
 
 /// Publish/subscribe beyond this process, as a shard sees it (the server implements it over
@@ -121,8 +122,9 @@ pub(crate) fn fan_out<S>(
     frame: &Bytes,
     max_buffered: usize,
     touched: &mut Vec<u32>,
-) -> u64 {
-    let mut skipped = 0;
+    metrics: &mut Metrics,
+) {
+    let (mut skipped, mut delivered) = (0, 0);
     let mut deliver = |c: &mut Conn<S>| {
         let link = &mut c.link;
         if !link.open {
@@ -133,6 +135,7 @@ pub(crate) fn fan_out<S>(
             return;
         }
         link.out.extend_from_slice(frame);
+        delivered += 1;
         if !link.touched {
             link.touched = true;
             touched.push(link.id.slot);
@@ -154,5 +157,19 @@ pub(crate) fn fan_out<S>(
             }
         }
     }
-    skipped
+    metrics.fanout_skipped += skipped;
+    metrics.fanout_deliveries += delivered;
+    // Counted as sent messages too: the frame is a whole uncompressed message.
+    metrics.sent.messages += delivered;
+    metrics.sent.bytes += delivered * frame_payload_len(frame);
+}
+
+/// The payload length of one encoded server frame (its header is 2, 4 or 10 bytes).
+fn frame_payload_len(frame: &[u8]) -> u64 {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.len().saturating_sub(header) as u64
 }

@@ -7,7 +7,6 @@ use std::sync::{Condvar, Mutex};
 
 use super::config::Buffers;
 use super::ring::{BufRing, Ring};
-use super::{debug_log, warn_log};
 
 /// Holds each shard's optional locked memory (its buffer ring) back until every shard has
 /// created its ring: RLIMIT_MEMLOCK is one budget for all of them, and the optional
@@ -91,14 +90,16 @@ pub(crate) fn open_ring(buffers: &Buffers, index: usize, gate: &RingGate) -> io:
         if let Err(e) = registered {
             // One line per shard that falls back: with a tight memlock limit the later
             // shards may fall back where the first did not.
-            warn_log!("shard {index}: no provided-buffer ring ({e}): using single-shot receives");
+            tracing::warn!(shard = index, error = %e, "no provided-buffer ring: using single-shot receives");
         }
     }
     multishot_recv &= ring.has_buf_ring();
-    debug_log!(
-        "shard {index}: {:?}, buffer ring {}, multishot recv {multishot_recv}",
-        ring.features(),
-        ring.has_buf_ring(),
+    tracing::debug!(
+        shard = index,
+        features = ?ring.features(),
+        buffer_ring = ring.has_buf_ring(),
+        multishot_recv,
+        "ring ready"
     );
     Ok(Ready {
         ring,

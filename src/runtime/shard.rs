@@ -27,12 +27,13 @@ use super::command::{Command, Mailbox};
 use super::config::{millis, ShardConfig};
 use super::conn::{Conn, Phase, Recv};
 use super::fault;
+use super::metrics::Metrics;
 use super::pubsub::{self, Topics, Uplink};
 use super::ring::{Cqe, Ring, TimerBuf, WordBuf};
 use super::setup::{self, RingGate};
 use super::slab::{ConnId, Slab};
+use super::sys;
 use super::token::{Op, Token};
-use super::{debug_log, sys, warn_log};
 use crate::proto::handshake;
 use crate::proto::{self, CloseCode, OpCode};
 
@@ -70,9 +71,6 @@ pub(crate) struct Core<A: App> {
     pub multishot_recv: bool,
     /// Send and stash vectors above this size are freed when quiet.
     pub keep_capacity: usize,
-    /// Publications not copied to a subscriber over the hard cap (published to the mailbox
-    /// once per batch).
-    pub fanout_skipped: u64,
 }
 
 /// The listener's accept operation.
@@ -156,6 +154,10 @@ impl<A: App> Shard<A> {
                 topics: Topics::new(index, uplink),
                 publishes: Vec::new(),
                 touched: Vec::new(),
+                metrics: Metrics {
+                    buffer_ring_fallbacks: u64::from(!ready.ring.has_buf_ring()),
+                    ..Metrics::default()
+                },
             },
             now: 0,
             close_ms: millis(t.close),
@@ -163,7 +165,6 @@ impl<A: App> Shard<A> {
             shutdown_deadline: 0,
             multishot_recv: ready.multishot_recv,
             keep_capacity: 64 * 1024,
-            fanout_skipped: 0,
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -190,7 +191,10 @@ impl<A: App> Shard<A> {
             Err(payload) => Some(format!("panicked: {}", fault::payload_message(&*payload))),
         };
         if let Some(why) = &failure {
-            warn_log!("shard {shard} failed: {why}; closing its listener and connections");
+            tracing::error!(
+                shard,
+                "shard failed: {why}; closing its listener and connections"
+            );
         }
         if panic::catch_unwind(AssertUnwindSafe(|| self.exit())).is_err() {
             // What is left is closed by the drops: the ring cancels (or leaks) first.
@@ -222,9 +226,10 @@ impl<A: App> Shard<A> {
                     return Ok(());
                 }
                 if self.core.now > self.core.shutdown_deadline.saturating_add(2000) {
-                    warn_log!(
-                        "shard {}: forced exit after the shutdown timeout",
-                        self.core.ctx.shard
+                    tracing::warn!(
+                        shard = self.core.ctx.shard,
+                        connections = self.core.conns.len(),
+                        "forced exit after the shutdown timeout"
                     );
                     return Ok(());
                 }
@@ -265,9 +270,10 @@ impl<A: App> Shard<A> {
             match armed {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    warn_log!(
-                        "shard {}: cannot re-arm the {what} ({e}), retrying",
-                        self.core.ctx.shard
+                    tracing::warn!(
+                        shard = self.core.ctx.shard,
+                        error = %e,
+                        "cannot re-arm the {what}, retrying"
                     );
                     last = Some(e);
                 }
@@ -327,9 +333,9 @@ impl<A: App> Shard<A> {
         }
         self.ring.recycle_cqes(cqes);
         if cancelled.is_err() {
-            warn_log!(
-                "shard {}: operations could not be cancelled at exit; their buffers are leaked",
-                self.core.ctx.shard
+            tracing::warn!(
+                shard = self.core.ctx.shard,
+                "operations could not be cancelled at exit; their buffers are leaked"
             );
         }
         for slot in 0..self.core.conns.end() {
@@ -340,6 +346,7 @@ impl<A: App> Shard<A> {
             self.core.free(slot);
         }
         self.core.mailbox.set_connections(0);
+        self.core.publish_metrics();
     }
 
     fn dispatch(&mut self, cqe: Cqe) -> io::Result<()> {
@@ -382,15 +389,21 @@ impl<A: App> Shard<A> {
             self.core.on_accept(socket);
         } else {
             let errno = -res;
+            if matches!(
+                errno,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            ) {
+                self.core.ctx.metrics.refused_no_descriptors += 1;
+            }
             if errno != libc::ECANCELED {
                 self.accept.errors += 1;
                 let now = self.core.now;
                 if self.accept.last_log.map_or(true, |at| now >= at + 1000) {
-                    warn_log!(
-                        "shard {}: accept failed ({} since last report): {}",
-                        self.core.ctx.shard,
-                        self.accept.errors,
-                        io::Error::from_raw_os_error(errno)
+                    tracing::warn!(
+                        shard = self.core.ctx.shard,
+                        errors = self.accept.errors,
+                        error = %io::Error::from_raw_os_error(errno),
+                        "accept failed"
                     );
                     self.accept.errors = 0;
                     self.accept.last_log = Some(now);
@@ -433,7 +446,7 @@ impl<A: App> Shard<A> {
         match self.ring.accept_multi(listener.as_raw_fd(), token) {
             Ok(()) => self.accept.armed = true,
             Err(e) => {
-                warn_log!("shard {}: cannot re-arm accept: {e}", self.core.ctx.shard);
+                tracing::warn!(shard = self.core.ctx.shard, error = %e, "cannot re-arm accept");
                 self.accept.retry = true;
             }
         }
@@ -459,6 +472,11 @@ impl<A: App> Shard<A> {
                 }
                 Command::Publish { topic, frame } => self.core.fan_out(Some(&topic), &frame),
                 Command::Broadcast { frame } => self.core.fan_out(None, &frame),
+                Command::Decide { id, verdict } => self.core.on_decide(id, verdict),
+                Command::Report { done } => {
+                    self.core.publish_metrics();
+                    let _ = done.send(());
+                }
                 Command::Shutdown => self.begin_shutdown(),
                 Command::InjectFault => panic!("injected fault (test hook)"),
             }
@@ -470,7 +488,7 @@ impl<A: App> Shard<A> {
         if self.core.shutting_down {
             return;
         }
-        debug_log!("shard {}: shutting down", self.core.ctx.shard);
+        tracing::debug!(shard = self.core.ctx.shard, "shutting down");
         if self.accept.armed {
             let target = Token::shard(Op::Accept).raw();
             let _ = self.ring.cancel(target, 0);
@@ -489,7 +507,7 @@ impl<A: App> Shard<A> {
                 Phase::Ws => {
                     c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms)
                 }
-                Phase::Handshake(_) => c.kill(),
+                Phase::Handshake(_) | Phase::Deferred(_) => c.kill(),
                 _ => {}
             }
             core.ctx.touch(&mut c.link);
@@ -503,6 +521,7 @@ impl<A: App> Core<A> {
         if self.shutting_down {
             return; // dropping the socket closes it
         }
+        self.ctx.metrics.accepted += 1;
         let fd = socket.as_raw_fd();
         sys::set_nodelay(fd);
         let peer = sys::peer_addr(fd).unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
@@ -528,10 +547,25 @@ impl<A: App> Core<A> {
         });
         let Some(c) = self.conns.get(id) else { return };
         if reject {
-            debug_log!("connection limit reached: 503");
+            self.ctx.metrics.refused_at_limit += 1;
+            tracing::debug!(shard = self.ctx.shard, %peer, "connection limit reached: 503");
             handshake::HttpError::ServiceUnavailable.write_response(&mut c.link.out);
         }
         self.ctx.touch(&mut c.link);
+    }
+
+    /// Copies the counters to the mailbox for readers, with the gauges filled in.
+    pub(super) fn publish_metrics(&mut self) {
+        let mut queued = 0;
+        for slot in 0..self.conns.end() {
+            if let Some(c) = self.conns.at(slot) {
+                queued += c.link.buffered() as u64;
+            }
+        }
+        let metrics = &mut self.ctx.metrics;
+        metrics.connections_open = self.conns.len() as u64;
+        metrics.queued_output_bytes = queued;
+        self.mailbox.publish_metrics(metrics);
     }
 
     /// A send completed: check the buffer back in; an error or a zero-byte write ends the
@@ -545,7 +579,11 @@ impl<A: App> Core<A> {
         let res = c.send.complete(cqe, usize::MAX);
         c.link.in_flight = c.send.remaining();
         if res < 0 && !c.is_dead() {
-            debug_log!("send failed: {}", io::Error::from_raw_os_error(-res));
+            tracing::debug!(
+                peer = %c.link.peer,
+                error = %io::Error::from_raw_os_error(-res),
+                "send failed"
+            );
             c.kill();
         } else if res == 0 && c.send.remaining() > 0 {
             c.kill();
@@ -594,6 +632,14 @@ impl<A: App> Core<A> {
             gone.store(true, std::sync::atomic::Ordering::Release);
         }
         if let Some(mut ws) = c.ws.take() {
+            let closes = ws.engine.closes();
+            let metrics = &mut self.ctx.metrics;
+            if let Some(code) = closes.sent {
+                metrics.closes_sent.count(code);
+            }
+            if let Some(code) = closes.received {
+                metrics.closes_received.count(code);
+            }
             if !c.link.notified {
                 c.link.notified = true;
                 let session = Session {
@@ -621,10 +667,11 @@ impl<A: App> Core<A> {
     /// Counts and logs a handler panic on a connection that is going away anyway.
     fn report_panic(&self, what: &str, link: &super::app::Link, message: &str) {
         self.mailbox.count_panic();
-        warn_log!(
-            "shard {}: handler panicked in {what} (connection from {}): {message}",
-            self.ctx.shard,
-            link.peer
+        tracing::warn!(
+            shard = self.ctx.shard,
+            peer = %link.peer,
+            callback = what,
+            "handler panicked: {message}"
         );
     }
 
@@ -642,6 +689,7 @@ impl<A: App> Core<A> {
             payload,
             true,
             &limits,
+            &mut self.ctx.metrics,
         );
         if matches!(
             status,
@@ -654,13 +702,14 @@ impl<A: App> Core<A> {
     /// Copies a shared frame into every open subscriber's output (all open connections for
     /// `None`).
     pub(super) fn fan_out(&mut self, topic: Option<&str>, frame: &Bytes) {
-        self.fanout_skipped += pubsub::fan_out(
+        pubsub::fan_out(
             &mut self.conns,
             &self.ctx.topics,
             topic,
             frame,
             self.ctx.limits.max_buffered,
             &mut self.ctx.touched,
+            &mut self.ctx.metrics,
         );
     }
 }
@@ -676,11 +725,11 @@ pub(super) fn handler_panicked<S>(
     close_ms: u64,
 ) {
     mailbox.count_panic();
-    warn_log!(
-        "shard {}: handler panicked in {callback} (connection from {}): {message}; closing the \
-         connection with 1011",
-        mailbox.id,
-        c.link.peer
+    tracing::warn!(
+        shard = mailbox.id,
+        peer = %c.link.peer,
+        callback,
+        "handler panicked: {message}; closing the connection with 1011"
     );
     if let Some(ws) = c.ws.as_mut() {
         ws.poisoned = true;

@@ -6,7 +6,6 @@
 use super::app::App;
 use super::config::millis;
 use super::conn::Conn;
-use super::debug_log;
 use super::shard::Shard;
 use crate::proto::{self, CloseCode, OpCode};
 
@@ -17,6 +16,7 @@ impl<A: App> Shard<A> {
     /// The sweep.
     pub(super) fn on_tick(&mut self) {
         self.retry_accept();
+        self.core.publish_metrics();
         let core = &mut self.core;
         let now = core.now;
         let t = core.config.timeouts;
@@ -31,7 +31,7 @@ impl<A: App> Shard<A> {
                 continue;
             }
             if force || c.deadline.is_some_and(|at| now >= at) {
-                debug_log!("connection {} timed out", c.link.id.slot);
+                tracing::debug!(shard = core.ctx.shard, peer = %c.link.peer, "connection timed out");
                 c.kill();
                 core.ctx.touch(&mut c.link);
                 continue;

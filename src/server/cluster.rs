@@ -15,7 +15,6 @@ use crate::broker::{Broker, BrokerConfig, BrokerEvent, BrokerStats, NodeId};
 use crate::proto::frame::{self, OpCode};
 use crate::runtime::command::{Command, Mailbox};
 use crate::runtime::pubsub::Uplink;
-use crate::runtime::warn_log;
 use crate::server::adapter::HandlerApp;
 use crate::server::{BrokerNotice, Handler};
 
@@ -91,9 +90,9 @@ impl Cluster {
                 BrokerEvent::Disconnected => BrokerNotice::Disconnected,
                 BrokerEvent::Resubscribed { gap } => BrokerNotice::Resubscribed { gap },
             };
-            let handler = &app.0;
+            let handler = &app.handler;
             if panic::catch_unwind(AssertUnwindSafe(|| handler.on_broker(notice))).is_err() {
-                warn_log!("handler panicked in on_broker ({notice:?})");
+                tracing::warn!(callback = "on_broker", ?notice, "handler panicked");
             }
         };
         let broker = Broker::start(config, NodeId::random(), Box::new(on_event))?;

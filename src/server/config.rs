@@ -31,6 +31,10 @@ pub struct Config {
     /// What happens when a shard fails (a ringsock bug, not a handler panic). Default:
     /// [`ShardFailure::ShutDown`], so a supervisor restarts the process.
     pub on_shard_failure: ShardFailure,
+    /// Where plain `GET` requests get the server's metrics in the Prometheus text format
+    /// (e.g. `/metrics`), answered by the shard itself before [`crate::server::Handler::on_http`]
+    /// sees them. Default `None`: off, since metrics are not for the public.
+    pub metrics_path: Option<String>,
     /// Test hooks of ringsock itself.
     #[doc(hidden)]
     pub testing: TestHooks,
@@ -48,6 +52,7 @@ impl Default for Config {
             buffers: Buffers::default(),
             deflate: DeflateConfig::default(),
             on_shard_failure: ShardFailure::default(),
+            metrics_path: None,
             testing: TestHooks::default(),
         }
     }

@@ -4,8 +4,11 @@
 //! callback stalls every connection of that shard. A callback that panics costs only its own
 //! connection (see [`Handler`]).
 
-use crate::proto::handshake::{HttpError, Request};
+use std::marker::PhantomData;
+
+use crate::proto::handshake::{self, HttpError, Request};
 use crate::proto::CloseCode;
+use crate::runtime::app::{Accept, DeferKey, Verdict};
 use crate::server::Ws;
 
 /// A whole message, borrowed from the receive buffer (or the reassembly buffer for
@@ -28,23 +31,178 @@ impl<'a> Message<'a> {
     }
 }
 
-/// Choices made while accepting an upgrade.
-#[derive(Clone, Debug, Default)]
-pub struct Upgrade {
-    pub(crate) protocol: Option<String>,
-    pub(crate) no_compression: bool,
+/// What [`Handler::on_upgrade`] decides.
+#[derive(Debug)]
+pub enum Decision<S> {
+    /// Upgrade, with this per-connection state (and what [`Upgrade`] set).
+    Accept(S),
+    /// Answer this HTTP response instead and close the connection.
+    Reject(HttpResponse),
+    /// Decide later: [`Upgrade::defer`] was called and its [`PendingUpgrade`] will answer
+    /// from another thread. Returning `Defer` without that answers 500.
+    Defer,
 }
 
-impl Upgrade {
+impl<S> From<HttpError> for Decision<S> {
+    fn from(e: HttpError) -> Decision<S> {
+        Decision::Reject(HttpResponse::from(e))
+    }
+}
+
+impl<S> From<Result<S, HttpError>> for Decision<S> {
+    fn from(result: Result<S, HttpError>) -> Decision<S> {
+        match result {
+            Ok(state) => Decision::Accept(state),
+            Err(e) => e.into(),
+        }
+    }
+}
+
+/// The choices of an accepted upgrade: subprotocol, compression, extra response headers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct UpgradeOptions {
+    pub protocol: Option<String>,
+    pub no_compression: bool,
+    pub headers: Vec<(String, String)>,
+}
+
+impl UpgradeOptions {
+    fn header(&mut self, name: &str, value: &str) {
+        assert!(
+            handshake::is_header_name(name) && handshake::is_header_value(value),
+            "invalid response header {name:?}: {value:?}"
+        );
+        self.headers.push((name.to_owned(), value.to_owned()));
+    }
+}
+
+/// Choices made while accepting an upgrade, and the way to decide later
+/// ([`Upgrade::defer`]).
+pub struct Upgrade<S> {
+    pub(crate) options: UpgradeOptions,
+    pub(crate) key: Option<DeferKey>,
+    pub(crate) deferred: bool,
+    pub(crate) _state: PhantomData<fn(S)>,
+}
+
+impl<S: Send + 'static> Upgrade<S> {
+    pub(crate) fn new(key: DeferKey) -> Upgrade<S> {
+        Upgrade {
+            options: UpgradeOptions::default(),
+            key: Some(key),
+            deferred: false,
+            _state: PhantomData,
+        }
+    }
+
     /// Answers with this subprotocol (`Sec-WebSocket-Protocol`). Pick one the client offered
     /// (see [`Request::subprotocols`]); RFC 6455 §4.2.2 forbids any other.
     pub fn protocol(&mut self, protocol: &str) {
-        self.protocol = Some(protocol.to_owned());
+        self.options.protocol = Some(protocol.to_owned());
     }
 
     /// Declines permessage-deflate on this connection even if the server enables it.
     pub fn disable_compression(&mut self) {
-        self.no_compression = true;
+        self.options.no_compression = true;
+    }
+
+    /// Adds a header line to the 101 answer, e.g. `Set-Cookie`.
+    ///
+    /// # Panics
+    /// When `name` is not an HTTP token or `value` holds CR, LF or NUL (a panic in
+    /// `on_upgrade` answers 500).
+    pub fn header(&mut self, name: &str, value: &str) {
+        self.options.header(name, value);
+    }
+
+    /// Takes the decision off the shard: returns a [`PendingUpgrade`] to answer from any
+    /// thread (a task asking a database, say), and `on_upgrade` returns [`Decision::Defer`].
+    /// The shard serves other connections meanwhile; without an answer within the
+    /// handshake timeout the connection is dropped. Choices made on `self` so far carry
+    /// over.
+    ///
+    /// # Panics
+    /// When called twice.
+    pub fn defer(&mut self) -> PendingUpgrade<S> {
+        let key = self.key.take().expect("Upgrade::defer called twice");
+        self.deferred = true;
+        PendingUpgrade {
+            options: std::mem::take(&mut self.options),
+            key: Some(key),
+            _state: PhantomData,
+        }
+    }
+}
+
+/// An upgrade whose decision was deferred ([`Upgrade::defer`]): `Send`, answered once from
+/// any thread with [`PendingUpgrade::accept`] or [`PendingUpgrade::reject`]. Dropping it
+/// unanswered answers 500.
+pub struct PendingUpgrade<S: Send + 'static> {
+    options: UpgradeOptions,
+    key: Option<DeferKey>,
+    _state: PhantomData<fn(S)>,
+}
+
+impl<S: Send + 'static> PendingUpgrade<S> {
+    /// As [`Upgrade::protocol`].
+    pub fn protocol(&mut self, protocol: &str) {
+        self.options.protocol = Some(protocol.to_owned());
+    }
+
+    /// As [`Upgrade::disable_compression`].
+    pub fn disable_compression(&mut self) {
+        self.options.no_compression = true;
+    }
+
+    /// As [`Upgrade::header`].
+    ///
+    /// # Panics
+    /// As [`Upgrade::header`].
+    pub fn header(&mut self, name: &str, value: &str) {
+        self.options.header(name, value);
+    }
+
+    /// Accepts the upgrade with this state: the shard answers 101 and calls `on_open`.
+    /// Returns `false` if the server has stopped; a connection that timed out or went away
+    /// meanwhile drops the state instead.
+    pub fn accept(mut self, state: S) -> bool {
+        let options = std::mem::take(&mut self.options);
+        let accept = Accept {
+            state,
+            protocol: options.protocol,
+            compress: !options.no_compression,
+            headers: options.headers,
+        };
+        self.answer(Verdict::Accept(accept))
+    }
+
+    /// Refuses the upgrade with this response; the connection is closed after it.
+    pub fn reject(mut self, response: HttpResponse) -> bool {
+        let mut bytes = Vec::new();
+        response.write(&mut bytes, true);
+        self.answer(Verdict::Reject(bytes))
+    }
+
+    fn answer(&mut self, verdict: Verdict<S>) -> bool {
+        self.key.take().is_some_and(|key| key.answer(verdict))
+    }
+}
+
+impl<S: Send + 'static> Drop for PendingUpgrade<S> {
+    fn drop(&mut self) {
+        if self.key.is_some() {
+            let mut bytes = Vec::new();
+            HttpError::InternalServerError.write_response(&mut bytes);
+            self.answer(Verdict::Reject(bytes));
+        }
+    }
+}
+
+impl<S: Send + 'static> std::fmt::Debug for PendingUpgrade<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingUpgrade")
+            .field("answered", &self.key.is_none())
+            .finish()
     }
 }
 
@@ -67,49 +225,114 @@ pub enum BrokerNotice {
     },
 }
 
-/// A plain HTTP response for a request that is not an upgrade (see [`Handler::on_http`]).
-/// The connection is closed after it is sent.
+/// An HTTP response: for a plain request ([`Handler::on_http`]) or a refused upgrade
+/// ([`Decision::Reject`]). `Content-Length` and `Connection` are written by the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpResponse {
-    /// The status code.
+    /// The status code (the reason phrase is the standard one).
     pub status: u16,
-    /// The reason phrase.
-    pub reason: &'static str,
-    /// The `Content-Type`.
-    pub content_type: &'static str,
+    /// Header lines, in order (valid names; values without CR, LF or NUL).
+    pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
+    /// Close the connection after this response even if the client would keep it.
+    pub close: bool,
 }
 
 impl HttpResponse {
+    /// A response with this status, no headers and an empty body.
+    pub fn new(status: u16) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            close: false,
+        }
+    }
+
+    /// Adds a header line.
+    ///
+    /// # Panics
+    /// When `name` is not an HTTP token or `value` holds CR, LF or NUL.
+    pub fn header(mut self, name: &str, value: &str) -> HttpResponse {
+        assert!(
+            handshake::is_header_name(name) && handshake::is_header_value(value),
+            "invalid response header {name:?}: {value:?}"
+        );
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> HttpResponse {
+        self.body = body.into();
+        self
+    }
+
     /// `200 OK` with an HTML body.
     pub fn html(body: impl Into<Vec<u8>>) -> HttpResponse {
-        HttpResponse {
-            status: 200,
-            reason: "OK",
-            content_type: "text/html; charset=utf-8",
-            body: body.into(),
-        }
+        HttpResponse::new(200)
+            .header("Content-Type", "text/html; charset=utf-8")
+            .body(body)
     }
 
     /// `200 OK` with a plain-text body.
     pub fn text(body: impl Into<Vec<u8>>) -> HttpResponse {
-        HttpResponse {
-            status: 200,
-            reason: "OK",
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-        }
+        HttpResponse::new(200)
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .body(body)
     }
 
     /// `404 Not Found`.
     pub fn not_found() -> HttpResponse {
-        HttpResponse {
-            status: 404,
-            reason: "Not Found",
-            content_type: "text/plain; charset=utf-8",
-            body: b"not found\n".to_vec(),
+        HttpResponse::new(404)
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .body("not found\n")
+    }
+
+    /// Appends the whole response; `close` adds `Connection: close`.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
+        // Headers the server writes itself are not repeated.
+        let own = |name: &str| {
+            name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("connection")
+        };
+        if self.headers.iter().any(|(name, _)| own(name)) {
+            let headers: Vec<_> = self
+                .headers
+                .iter()
+                .filter(|(name, _)| !own(name))
+                .cloned()
+                .collect();
+            handshake::write_http(out, self.status, &headers, &self.body, close);
+        } else {
+            handshake::write_http(out, self.status, &self.headers, &self.body, close);
         }
+    }
+}
+
+impl From<HttpError> for HttpResponse {
+    fn from(e: HttpError) -> HttpResponse {
+        let mut bytes = Vec::new();
+        e.write_response(&mut bytes);
+        // The body is what follows the head.
+        let body = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(Vec::new(), |at| bytes[at + 4..].to_vec());
+        let mut response = HttpResponse::new(e.status())
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .body(body);
+        match e {
+            HttpError::UpgradeRequired => {
+                response = response
+                    .header("Upgrade", "websocket")
+                    .header("Sec-WebSocket-Version", "13");
+            }
+            HttpError::MethodNotAllowed => response = response.header("Allow", "GET"),
+            _ => {}
+        }
+        response.close = true;
+        response
     }
 }
 
@@ -138,16 +361,17 @@ pub trait Handler: Send + Sync + 'static {
     /// Per-connection state, created by [`Handler::on_upgrade`].
     type State: Send + 'static;
 
-    /// Decides on an upgrade request (routing, origin checks, subprotocol choice via
-    /// `upgrade`). The request was validated against RFC 6455 §4.2.1 already.
-    ///
-    /// # Errors
-    /// An [`HttpError`] to refuse; it is answered and the connection closed.
+    /// Decides on an upgrade request: routing, origin and token checks on the path, query
+    /// string, headers and cookies ([`Request`]); subprotocol, compression and response
+    /// headers through `upgrade`. The request was validated against RFC 6455 §4.2.1
+    /// already. Return [`Decision::Accept`] with the connection's state,
+    /// [`Decision::Reject`] with any response (`HttpError` converts with `.into()`), or
+    /// [`Decision::Defer`] after [`Upgrade::defer`] to decide on another thread.
     fn on_upgrade(
         &self,
         req: &Request<'_>,
-        upgrade: &mut Upgrade,
-    ) -> Result<Self::State, HttpError>;
+        upgrade: &mut Upgrade<Self::State>,
+    ) -> Decision<Self::State>;
 
     /// The connection is open (the 101 answer is queued).
     fn on_open(&self, ws: &mut Ws<'_, Self::State>) {
@@ -205,7 +429,11 @@ pub trait Handler: Send + Sync + 'static {
         let _ = notice;
     }
 
-    /// A request that is not a WebSocket upgrade. `None` answers 426 Upgrade Required.
+    /// A plain HTTP request (not a WebSocket upgrade), its body in [`Request::body`]
+    /// (bounded by `Limits::max_http_body`; chunked bodies get 501 without reaching here).
+    /// `None` answers 426 Upgrade Required. HTTP/1.1 keep-alive and pipelining are handled:
+    /// the connection stays open for the next request unless the client or the response
+    /// ([`HttpResponse::close`]) asks to close it, or the server is shutting down.
     fn on_http(&self, req: &Request<'_>) -> Option<HttpResponse> {
         let _ = req;
         None

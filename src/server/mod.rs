@@ -4,14 +4,14 @@
 //!
 //! ```no_run
 //! use ringsock::proto::handshake::{HttpError, Request};
-//! use ringsock::server::{Builder, Handler, Message, Upgrade, Ws};
+//! use ringsock::server::{Decision, Builder, Handler, Message, Upgrade, Ws};
 //!
 //! struct Echo;
 //!
 //! impl Handler for Echo {
 //!     type State = ();
-//!     fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-//!         Ok(())
+//!     fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+//!         Decision::Accept(())
 //!     }
 //!     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
 //!         ws.send(msg);
@@ -26,6 +26,7 @@ mod adapter;
 mod cluster;
 mod config;
 mod handler;
+pub mod metrics;
 mod ws;
 
 use std::io;
@@ -36,13 +37,16 @@ use std::time::Duration;
 
 use self::adapter::HandlerApp;
 pub use self::config::{Buffers, Config, DeflateConfig, Limits, ShardFailure, Timeouts};
-pub use self::handler::{BrokerNotice, Handler, HttpResponse, Message, Upgrade};
+pub use self::handler::{
+    BrokerNotice, Decision, Handler, HttpResponse, Message, PendingUpgrade, Upgrade,
+};
 pub use self::ws::{Remote, Ws};
 use crate::runtime::command::Command;
 use crate::runtime::config::ShardConfig;
 use crate::runtime::fleet::Fleet;
 use crate::runtime::sys;
 pub use crate::runtime::SendStatus;
+pub use crate::runtime::{ByCloseCode, ByProtocolError, ByStatus, Metrics, Traffic};
 
 /// Sets a server up. Every setting has a documented default (see [`Config`]).
 #[derive(Clone, Debug, Default)]
@@ -156,6 +160,13 @@ impl Builder {
         self
     }
 
+    /// Serves the Prometheus text format at `path` (e.g. `/metrics`) on the server's own
+    /// address (see [`Config::metrics_path`]).
+    pub fn metrics_path(mut self, path: &str) -> Builder {
+        self.config.metrics_path = Some(path.to_owned());
+        self
+    }
+
     /// Any other setting.
     pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Builder {
         f(&mut self.config);
@@ -169,9 +180,14 @@ impl Builder {
 
     /// A server for this handler.
     pub fn build<H: Handler>(self, handler: H) -> Server<H> {
+        let metrics_path = self.config.metrics_path.clone();
         Server {
             builder: self,
-            app: Arc::new(HandlerApp(handler)),
+            app: Arc::new(HandlerApp {
+                handler,
+                metrics_path,
+                mailboxes: std::sync::OnceLock::new(),
+            }),
         }
     }
 }
@@ -226,7 +242,9 @@ impl<H: Handler> Server<H> {
             .map(|c| c as Arc<dyn crate::runtime::pubsub::Uplink>);
         #[cfg(not(any(feature = "redis", feature = "nats")))]
         let uplink = None;
+        let app = Arc::clone(&self.app);
         let fleet = Fleet::start(self.app, shard_config, listeners, pins, uplink)?;
+        let _ = app.mailboxes.set(Arc::clone(fleet.mailboxes()));
         #[cfg(any(feature = "redis", feature = "nats"))]
         if let Some(cluster) = &cluster {
             cluster.attach(fleet.mailboxes());
@@ -326,6 +344,34 @@ impl ServerHandle {
             commands_refused: mailboxes.iter().map(|m| m.refused()).sum(),
             publish_skipped: mailboxes.iter().map(|m| m.fanout_skipped()).sum(),
         }
+    }
+
+    /// Every counter, summed over the shards: each shard copies its own counters when asked
+    /// (this waits up to a second for each; a stopped shard contributes its last copy).
+    /// Close codes are counted when a connection is freed.
+    pub fn metrics(&self) -> Metrics {
+        let mailboxes = self.inner.fleet.mailboxes();
+        let (done, copied) = std::sync::mpsc::channel();
+        let asked = mailboxes
+            .iter()
+            .filter(|m| {
+                let done = done.clone();
+                m.post(Command::Report { done }) == crate::runtime::command::Posted::Queued
+            })
+            .count();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if copied.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        metrics::last_published(mailboxes)
+    }
+
+    /// [`ServerHandle::metrics`] in the Prometheus text format (see [`metrics::encode`]).
+    pub fn metrics_text(&self) -> String {
+        metrics::encode(&self.metrics())
     }
 
     /// Sends a message to every subscriber of `topic` on every shard (encoded once), and on

@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{BrokerNotice, Builder, Handler, Message, Upgrade, Ws};
+use ringsock::proto::handshake::Request;
+use ringsock::server::{BrokerNotice, Builder, Decision, Handler, Message, Upgrade, Ws};
 
 use crate::brokers::{config_for, Kind, PATIENCE};
 
@@ -392,8 +392,8 @@ struct NodeHandler {
 impl Handler for NodeHandler {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {

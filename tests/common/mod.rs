@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use ringsock::proto::handshake::{HttpError, Request};
 use ringsock::proto::CloseCode;
 use ringsock::server::{
-    Builder, Handler, HttpResponse, Message, Remote, SendStatus, ServerHandle, Upgrade, Ws,
+    Builder, Decision, Handler, HttpResponse, Message, Remote, SendStatus, ServerHandle, Upgrade,
+    Ws,
 };
 
 /// What the handler saw.
@@ -44,14 +45,14 @@ pub struct TestHandler {
 impl Handler for TestHandler {
     type State = u64;
 
-    fn on_upgrade(&self, req: &Request<'_>, upgrade: &mut Upgrade) -> Result<u64, HttpError> {
+    fn on_upgrade(&self, req: &Request<'_>, upgrade: &mut Upgrade<u64>) -> Decision<u64> {
         if req.path() == "/reject" {
-            return Err(HttpError::Forbidden);
+            return Decision::from(HttpError::Forbidden);
         }
         if let Some(p) = req.subprotocols().next() {
             upgrade.protocol(p);
         }
-        Ok(0)
+        Decision::Accept(0)
     }
 
     fn on_open(&self, ws: &mut Ws<'_, u64>) {

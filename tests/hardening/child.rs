@@ -17,9 +17,9 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringsock::proto::handshake::{HttpError, Request};
+use ringsock::proto::handshake::Request;
 use ringsock::proto::CloseCode;
-use ringsock::server::{Builder, Handler, Message, SendStatus, Upgrade, Ws};
+use ringsock::server::{Builder, Decision, Handler, Message, SendStatus, Upgrade, Ws};
 
 /// The environment variable carrying the child's settings.
 pub const CHILD_ENV: &str = "RINGSOCK_HARDENING_CHILD";
@@ -267,8 +267,8 @@ impl ChildHandler {
 impl Handler for ChildHandler {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
@@ -344,6 +344,12 @@ pub fn child_main() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
     };
+    // The runtime's log lines (warnings and up) on stderr, where the tests read them.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .init();
     let mut builder = Builder::new()
         .addr("127.0.0.1:0")
         .shards(1)

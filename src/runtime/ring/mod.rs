@@ -23,7 +23,6 @@ use io_uring::{cqueue, opcode, squeue, IoUring};
 
 pub(crate) use self::buf_ring::{BufRing, RecvBuffer};
 pub(crate) use self::buffers::{RecvBuf, SendBuf, TimerBuf, WordBuf};
-use super::warn_log;
 
 /// What the kernel offered at start, and what the ring runs with.
 #[derive(Clone, Copy, Debug, Default)]
@@ -454,9 +453,10 @@ impl Drop for Ring {
     fn drop(&mut self) {
         if let Err(e) = self.cancel_all() {
             if let Some(bufs) = self.bufs.take() {
-                warn_log!(
-                    "ring: in-flight operations could not be cancelled ({e}): leaking the \
-                     receive buffers they may still write"
+                tracing::warn!(
+                    error = %e,
+                    "ring: in-flight operations could not be cancelled: leaking the receive \
+                     buffers they may still write"
                 );
                 std::mem::forget(bufs);
             }
