@@ -270,6 +270,28 @@ impl RawClient {
         self.buf.extend_from_slice(&chunk[..n]);
     }
 
+    /// Reads exactly `n` bytes (a response body).
+    pub fn read_bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            self.fill();
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads one HTTP response: its head, and a body of `Content-Length` bytes.
+    pub fn read_response(&mut self) -> (String, Vec<u8>) {
+        let head = self.read_head();
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        (head, self.read_bytes(len))
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
