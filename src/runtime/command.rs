@@ -1,6 +1,6 @@
 //! How other threads reach a shard: a [`Mailbox`] per shard, holding a bounded queue of
 //! [`Command`]s and the eventfd that wakes the shard, plus the few counters other threads
-//! read. The shard drains the whole queue on each wake-up.
+//! read and the shard's heartbeat. The shard drains the whole queue on each wake-up.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -84,6 +84,9 @@ pub(crate) struct Mailbox {
     refused: AtomicU64,
     /// Publications skipped for subscribers over the hard cap.
     fanout_skipped: AtomicU64,
+    /// The shard loop's `now` as of its last timer tick: a watchdog that sees it stand still
+    /// for longer than a tick knows the loop is stuck.
+    heartbeat: AtomicU64,
     stopped: AtomicBool,
     /// Why the shard failed, if it did (a ringsock bug, not a handler panic).
     failure: Mutex<Option<String>>,
@@ -104,6 +107,7 @@ impl Mailbox {
             handler_panics: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             fanout_skipped: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -181,6 +185,17 @@ impl Mailbox {
     /// Handler panics so far.
     pub fn handler_panics(&self) -> u64 {
         self.handler_panics.load(Ordering::Relaxed)
+    }
+
+    /// Records the loop's `now` (once per timer tick, never per message: the cache line is
+    /// shared with threads that post).
+    pub fn beat(&self, now: u64) {
+        self.heartbeat.store(now, Ordering::Relaxed);
+    }
+
+    /// The loop's `now` as of its last timer tick (0 before the first).
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeat.load(Ordering::Relaxed)
     }
 
     /// Commands refused so far because the queue was full.
