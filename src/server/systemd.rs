@@ -345,7 +345,7 @@ fn parse_listen_env(
         return Ok(Vec::new());
     }
     let count: RawFd = number("LISTEN_FDS", fds)?;
-    if count < 0 || count > RawFd::MAX - LISTEN_FDS_START {
+    if !(0..=RawFd::MAX - LISTEN_FDS_START).contains(&count) {
         return Err(invalid("LISTEN_FDS", &fds, "out of range"));
     }
     if count == 0 {
