@@ -14,7 +14,7 @@ mod common;
 
 use std::io::{self, BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -509,4 +509,39 @@ fn listen_pid_of_another_process_passes_no_socket() {
     let why = child.line_after("FAILED ");
     assert!(why.contains("no socket passed by systemd"), "{why}");
     assert!(child.exit_status().success());
+}
+
+#[test]
+fn a_given_listener_is_shared_by_every_shard() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = Builder::new()
+        .shards(2)
+        .pin_threads(false)
+        .listener(OwnedFd::from(listener))
+        .build(Echo)
+        .start()
+        .expect("serves the given socket");
+    assert_eq!(handle.local_addr(), addr);
+    let mut clients: Vec<RawClient> = (0..8).map(|_| RawClient::connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo(c, &format!("client {i}"));
+    }
+    drop(clients);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_socket_that_does_not_listen_is_refused_by_name() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let err = Builder::new()
+        .shards(1)
+        .listener(OwnedFd::from(udp))
+        .build(Echo)
+        .start()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not a listening TCP socket"),
+        "{err}"
+    );
 }

@@ -52,6 +52,8 @@ pub struct Builder {
     addr_error: Option<String>,
     /// A socket to serve on instead of binding `addr`, shared by every shard.
     listener: Option<Arc<OwnedFd>>,
+    /// Why [`Builder::systemd_socket`] found no socket to serve on.
+    listener_error: Option<String>,
     #[cfg(any(feature = "redis", feature = "nats"))]
     broker: Option<crate::broker::BrokerConfig>,
 }
@@ -84,22 +86,23 @@ impl Builder {
     /// whoever else holds it (a service manager, say) can pass it on.
     pub fn listener(mut self, socket: OwnedFd) -> Builder {
         self.listener = Some(Arc::new(socket));
+        self.listener_error = None;
         self
     }
 
     /// Serves on the socket systemd passed to this process (socket activation, see
     /// [`systemd`]): [`Builder::listener`] with the one socket [`systemd::listen_fds`] returns.
-    /// [`Server::start`] fails, saying why, when there is none, more than one, or a
-    /// malformed `LISTEN_*` variable.
+    /// [`Server::start`] fails, saying why, when there is none (whatever the address), more
+    /// than one, or a malformed `LISTEN_*` variable. To bind an address when systemd passed
+    /// nothing, call [`systemd::listen_fds`] and [`Builder::listener`] yourself.
     pub fn systemd_socket(mut self) -> Builder {
         let why = match systemd::listen_fds() {
-            Ok(mut fds) if fds.len() == 1 => match fds.pop() {
+            Ok(fds) if fds.len() <= 1 => match fds.into_iter().next() {
                 Some(passed) => return self.listener(passed.fd),
-                None => "no socket passed by systemd".to_owned(),
+                None => "no socket passed by systemd: LISTEN_PID and LISTEN_FDS do not name \
+                         this process (no socket unit, or started by hand)"
+                    .to_owned(),
             },
-            Ok(fds) if fds.is_empty() => "no socket passed by systemd: LISTEN_PID and \
-                 LISTEN_FDS do not name this process (no socket unit, or started by hand)"
-                .to_owned(),
             Ok(fds) => {
                 let names: Vec<&str> = fds.iter().map(|f| f.name.as_str()).collect();
                 format!(
@@ -111,7 +114,7 @@ impl Builder {
             }
             Err(e) => e.to_string(),
         };
-        self.addr_error = Some(why);
+        self.listener_error = Some(why);
         self
     }
 
@@ -233,8 +236,14 @@ impl<H: Handler> Server<H> {
     /// A bad address, bind failures, a given listener that is not a listening TCP socket,
     /// a malformed systemd variable, or io_uring unavailable (the message names the cause).
     pub fn start(self) -> io::Result<ServerHandle> {
-        if let Some(e) = self.builder.addr_error {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        let b = &self.builder;
+        // The address is not used with a listener.
+        let unusable = b
+            .listener_error
+            .as_ref()
+            .or(b.addr_error.as_ref().filter(|_| b.listener.is_none()));
+        if let Some(e) = unusable {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e.clone()));
         }
         let config = self.builder.config;
         let cpus = sys::allowed_cpus();
