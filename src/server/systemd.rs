@@ -4,11 +4,12 @@
 //! [`Server::start`](super::Server::start) notifies by itself when the service manager asks
 //! for it. With `NOTIFY_SOCKET` set it sends `READY=1` once every shard listens and
 //! `STOPPING=1` when a graceful shutdown begins ([`ServerHandle::request_shutdown`],
-//! [`ServerHandle::shutdown`], or a signal in [`ServerHandle::run_until_signal`]). With
-//! `WATCHDOG_USEC` set for this process a thread sends `WATCHDOG=1` every half interval, but
-//! only when every running shard's loop has ticked since the previous look: a shard stuck in
-//! a handler stops the pings, and systemd kills and restarts the service. Socket activation is
-//! opt-in, with [`Builder::systemd_socket`].
+//! [`ServerHandle::shutdown`], or a signal in [`ServerHandle::run_until_signal`]; not when a
+//! failed shard brings the server down). With `WATCHDOG_USEC` set for this process as well,
+//! a thread sends `WATCHDOG=1` every half interval, but only when every running shard's loop
+//! has ticked since the previous look (shards tick at least every quarter interval then): a
+//! shard stuck in a handler stops the pings, and systemd kills and restarts the service.
+//! Socket activation is opt-in, with [`Builder::systemd_socket`].
 //!
 //! This module never touches the environment: it reads variables, it does not unset them (see
 //! [`listen_fds`] for why that is enough).
