@@ -1,6 +1,6 @@
 //! How other threads reach a shard: a [`Mailbox`] per shard, holding a bounded queue of
 //! [`Command`]s and the eventfd that wakes the shard, plus the few counters other threads
-//! read. The shard drains the whole queue on each wake-up.
+//! read and the shard's heartbeat. The shard drains the whole queue on each wake-up.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -108,6 +108,9 @@ pub(crate) struct Mailbox {
     /// The shard's counters as of its last copy (each timer tick, each `Report`, and at
     /// exit); `handler_panics` and `commands_refused` are kept in the atomics above instead.
     metrics: Mutex<Metrics>,
+    /// The shard loop's `now` as of its last timer tick: a watchdog that sees it stand still
+    /// for longer than a tick knows the loop is stuck.
+    heartbeat: AtomicU64,
     stopped: AtomicBool,
     /// Why the shard failed, if it did (a ringsock bug, not a handler panic).
     failure: Mutex<Option<String>>,
@@ -129,6 +132,7 @@ impl Mailbox {
             refused: AtomicU64::new(0),
             fanout_skipped: AtomicU64::new(0),
             metrics: Mutex::new(Metrics::default()),
+            heartbeat: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -226,6 +230,17 @@ impl Mailbox {
     /// Handler panics so far.
     pub fn handler_panics(&self) -> u64 {
         self.handler_panics.load(Ordering::Relaxed)
+    }
+
+    /// Records the loop's `now` (once per timer tick, never per message: the cache line is
+    /// shared with threads that post).
+    pub fn beat(&self, now: u64) {
+        self.heartbeat.store(now, Ordering::Relaxed);
+    }
+
+    /// The loop's `now` as of its last timer tick (0 before the first).
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeat.load(Ordering::Relaxed)
     }
 
     /// Commands refused so far because the queue was full.

@@ -167,6 +167,13 @@ pub(crate) struct ShardConfig {
     pub buffers: Buffers,
     pub deflate: DeflateConfig,
     pub on_failure: ShardFailure,
+    /// The listeners are descriptors of one socket that others hold too (a socket inherited
+    /// from a service manager, say): a shard leaving closes its descriptor only, never
+    /// `shutdown(2)`s the socket, which would stop every holder's accepts.
+    pub shared_listener: bool,
+    /// The longest sweep interval, so that a watchdog reading the heartbeat sees it advance
+    /// often enough; `None`: as the timeouts need.
+    pub max_tick: Option<Duration>,
     pub hooks: TestHooks,
 }
 

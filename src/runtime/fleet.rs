@@ -242,16 +242,17 @@ impl Fleet {
         self.mailboxes.iter().all(|m| m.is_stopped())
     }
 
-    /// Serves until SIGINT or SIGTERM (then shuts down gracefully) or until every shard has
-    /// stopped, then waits for them.
+    /// Serves until SIGINT or SIGTERM (then calls `on_signal` and shuts down gracefully) or
+    /// until every shard has stopped, then waits for them.
     ///
     /// # Errors
     /// The signal handlers cannot be installed, or a shard failed.
-    pub fn run_until_signal(&self) -> io::Result<()> {
+    pub fn run_until_signal(&self, on_signal: impl FnOnce()) -> io::Result<()> {
         let watch = SignalWatch::register()?;
         while !self.is_stopped() {
             match sys::wait_readable(&[watch.fd(), self.exited.0])? {
                 0 => {
+                    on_signal();
                     self.request_shutdown();
                     break;
                 }

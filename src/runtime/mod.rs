@@ -10,7 +10,7 @@
 //! | [`shard`] | one shard: the event loop, completion dispatch, commands, shutdown, exit |
 //! | [`input`] | the receive path: request bytes, frames to the application, the stash |
 //! | [`output`] | settling touched connections: sends, half-close, backpressure, arming reads |
-//! | [`sweep`] | the timer sweep: deadlines, idle ping and close, buffer shrinking |
+//! | [`sweep`] | the timer sweep: deadlines, idle ping and close, buffer shrinking, heartbeat |
 //! | [`conn`] | one connection's state: its phase and close state machine |
 //! | [`app`] | the seam to the application: `App`, `Session`, `SendStatus`, handles |
 //! | [`pubsub`] | topics and local fan-out |

@@ -129,7 +129,10 @@ impl<A: App> Shard<A> {
         if let Some(idle) = t.idle {
             shortest = shortest.min(idle / 2);
         }
-        let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let mut tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        if let Some(max) = config.max_tick {
+            tick = tick.min(max.max(Duration::from_millis(1)));
+        }
         let b = config.buffers;
         let core = Core {
             app,
@@ -291,7 +294,8 @@ impl<A: App> Shard<A> {
     /// that were open).
     fn exit(&mut self) {
         // Shut the listener down first: that takes it out of the SO_REUSEPORT group even if
-        // the accept in flight (which holds a reference) could not be cancelled.
+        // the accept in flight (which holds a reference) could not be cancelled. (A shared
+        // listener is only closed; its accept ends with the ring.)
         self.close_listener();
         let cancelled = self.ring.cancel_all();
         let mut cqes = self.ring.reap();
@@ -421,10 +425,14 @@ impl<A: App> Shard<A> {
     }
 
     /// Shuts the listener down (new connections go to the other shards' listeners; the
-    /// multishot accept ends) and closes it.
+    /// multishot accept ends) and closes it. A shared listener is only closed: shutting the
+    /// socket down would stop the other holders' accepts too, and leave a socket a service
+    /// manager keeps for the next start unusable. Its accept in flight ends by cancellation.
     fn close_listener(&mut self) {
         if let Some(listener) = self.listener.take() {
-            sys::shutdown(listener.as_raw_fd(), false);
+            if !self.core.config.shared_listener {
+                sys::shutdown(listener.as_raw_fd(), false);
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! The timer sweep, once per tick (a quarter of the shortest timeout, 10–500 ms): handshake
 //! and closing deadlines, the idle ping and idle close, the forced end of a graceful
-//! shutdown, the accept retry after descriptor exhaustion, and freeing the large buffers of
-//! quiet connections.
+//! shutdown, the accept retry after descriptor exhaustion, freeing the large buffers of
+//! quiet connections, and the heartbeat a watchdog reads from the mailbox.
 
 use super::app::App;
 use super::config::millis;
@@ -19,6 +19,7 @@ impl<A: App> Shard<A> {
         self.core.publish_metrics();
         let core = &mut self.core;
         let now = core.now;
+        core.mailbox.beat(now);
         let t = core.config.timeouts;
         let idle = t.idle.map(millis);
         let force = core.shutting_down && now >= core.shutdown_deadline;

@@ -1,6 +1,6 @@
 //! What applications program against: [`Builder`] and [`Config`] to set a server up,
 //! [`Handler`] for the callbacks, [`Ws`] inside callbacks, [`Remote`] and [`ServerHandle`]
-//! from other threads.
+//! from other threads; [`systemd`] for running as a service.
 //!
 //! ```no_run
 //! use ringsock::proto::handshake::{HttpError, Request};
@@ -27,6 +27,7 @@ mod cluster;
 mod config;
 mod handler;
 pub mod metrics;
+pub mod systemd;
 mod ws;
 
 use std::io;
@@ -53,6 +54,10 @@ pub use crate::runtime::{ByCloseCode, ByProtocolError, ByStatus, Metrics, Traffi
 pub struct Builder {
     config: Config,
     addr_error: Option<String>,
+    /// A socket to serve on instead of binding `addr`, shared by every shard.
+    listener: Option<Arc<OwnedFd>>,
+    /// Why [`Builder::systemd_socket`] found no socket to serve on.
+    listener_error: Option<String>,
     #[cfg(any(feature = "redis", feature = "nats"))]
     broker: Option<crate::broker::BrokerConfig>,
 }
@@ -64,7 +69,8 @@ impl Builder {
     }
 
     /// The address to listen on (the first one it resolves to). Port 0 picks a free port
-    /// for all shards; read it from [`ServerHandle::local_addr`].
+    /// for all shards; read it from [`ServerHandle::local_addr`]. Not used with
+    /// [`Builder::listener`].
     pub fn addr(mut self, addr: impl ToSocketAddrs) -> Builder {
         match addr.to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(addr)) => {
@@ -74,6 +80,45 @@ impl Builder {
             Ok(None) => self.addr_error = Some("address resolved to nothing".into()),
             Err(e) => self.addr_error = Some(e.to_string()),
         }
+        self
+    }
+
+    /// Serves on `socket`, a listening TCP socket made elsewhere, instead of binding the
+    /// address: every shard accepts from its own duplicate of it, so they share its one
+    /// accept queue (where [`Builder::addr`] gives each shard its own `SO_REUSEPORT`
+    /// socket). Leaving shards close their duplicates and never shut the socket down, so
+    /// whoever else holds it (a service manager, say) can pass it on.
+    pub fn listener(mut self, socket: OwnedFd) -> Builder {
+        self.listener = Some(Arc::new(socket));
+        self.listener_error = None;
+        self
+    }
+
+    /// Serves on the socket systemd passed to this process (socket activation, see
+    /// [`systemd`]): [`Builder::listener`] with the one socket [`systemd::listen_fds`] returns.
+    /// [`Server::start`] fails, saying why, when there is none (whatever the address), more
+    /// than one, or a malformed `LISTEN_*` variable. To bind an address when systemd passed
+    /// nothing, call [`systemd::listen_fds`] and [`Builder::listener`] yourself.
+    pub fn systemd_socket(mut self) -> Builder {
+        let why = match systemd::listen_fds() {
+            Ok(fds) if fds.len() <= 1 => match fds.into_iter().next() {
+                Some(passed) => return self.listener(passed.fd),
+                None => "no socket passed by systemd: LISTEN_PID and LISTEN_FDS do not name \
+                         this process (no socket unit, or started by hand)"
+                    .to_owned(),
+            },
+            Ok(fds) => {
+                let names: Vec<&str> = fds.iter().map(|f| f.name.as_str()).collect();
+                format!(
+                    "systemd passed {} sockets ({}); ringsock serves one: pass it to \
+                     Builder::listener",
+                    fds.len(),
+                    names.join(", ")
+                )
+            }
+            Err(e) => e.to_string(),
+        };
+        self.listener_error = Some(why);
         self
     }
 
@@ -200,12 +245,21 @@ pub struct Server<H: Handler> {
 
 impl<H: Handler> Server<H> {
     /// Binds, starts the shards in background threads and returns once every shard is up.
+    /// Under systemd (`NOTIFY_SOCKET` set) it then sends `READY=1`, and starts the watchdog
+    /// when `WATCHDOG_USEC` asks for one (see [`systemd`]).
     ///
     /// # Errors
-    /// A bad address, bind failures, or io_uring unavailable (the message names the cause).
+    /// A bad address, bind failures, a given listener that is not a listening TCP socket,
+    /// a malformed systemd variable, or io_uring unavailable (the message names the cause).
     pub fn start(self) -> io::Result<ServerHandle> {
-        if let Some(e) = self.builder.addr_error {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        let b = &self.builder;
+        // The address is not used with a listener.
+        let unusable = b
+            .listener_error
+            .as_ref()
+            .or(b.addr_error.as_ref().filter(|_| b.listener.is_none()));
+        if let Some(e) = unusable {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e.clone()));
         }
         let config = self.builder.config;
         let cpus = sys::allowed_cpus();
@@ -214,7 +268,11 @@ impl<H: Handler> Server<H> {
         } else {
             config.shards
         };
-        let listeners = bind_all(&config, count)?;
+        let mut service = systemd::Service::from_env()?;
+        let listeners = match &self.builder.listener {
+            Some(socket) => share(socket, count)?,
+            None => bind_all(&config, count)?,
+        };
         let local_addr = sys::local_addr(listeners[0].as_raw_fd())?;
         let pins = (0..count)
             .map(|i| (config.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]))
@@ -225,6 +283,8 @@ impl<H: Handler> Server<H> {
             buffers: config.buffers,
             deflate: config.deflate,
             on_failure: config.on_shard_failure,
+            shared_listener: self.builder.listener.is_some(),
+            max_tick: service.max_tick(),
             hooks: config.testing,
         };
         #[cfg(any(feature = "redis", feature = "nats"))]
@@ -249,10 +309,16 @@ impl<H: Handler> Server<H> {
         if let Some(cluster) = &cluster {
             cluster.attach(fleet.mailboxes());
         }
+        if let Err(e) = service.ready(fleet.mailboxes()) {
+            fleet.request_shutdown();
+            let _ = fleet.wait();
+            return Err(e);
+        }
         Ok(ServerHandle {
             inner: Arc::new(Inner {
                 fleet,
                 local_addr,
+                service,
                 #[cfg(any(feature = "redis", feature = "nats"))]
                 cluster,
             }),
@@ -287,9 +353,24 @@ fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(sockets)
 }
 
+/// Duplicates of a given listener, one per shard.
+fn share(socket: &OwnedFd, count: usize) -> io::Result<Vec<OwnedFd>> {
+    systemd::check_listening(socket.as_raw_fd())
+        .and_then(|()| sys::local_addr(socket.as_raw_fd()).map(drop))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the given listener is not a listening TCP socket: {e}"),
+            )
+        })?;
+    (0..count).map(|_| socket.try_clone()).collect()
+}
+
 struct Inner {
     fleet: Fleet,
     local_addr: SocketAddr,
+    /// What the service manager is told.
+    service: systemd::Service,
     /// The link to other nodes, with a broker configured.
     #[cfg(any(feature = "redis", feature = "nats"))]
     cluster: Option<Arc<cluster::Cluster>>,
@@ -403,8 +484,9 @@ impl ServerHandle {
     /// Asks every shard to shut down gracefully and returns at once: accepting stops, every
     /// connection gets close 1001 after its queued output, messages its peer sent before
     /// answering are still delivered, and shards exit once their connections closed or the
-    /// close timeout passed.
+    /// close timeout passed. Under systemd, the first request sends `STOPPING=1`.
     pub fn request_shutdown(&self) {
+        self.inner.service.stopping();
         self.inner.fleet.request_shutdown();
     }
 
@@ -425,7 +507,9 @@ impl ServerHandle {
     /// # Errors
     /// When a shard failed (a bug in ringsock, or a ring that broke), naming each.
     pub fn wait(&self) -> io::Result<()> {
-        self.inner.fleet.wait()
+        let result = self.inner.fleet.wait();
+        self.inner.service.stopped();
+        result
     }
 
     /// Whether every shard has stopped.
@@ -440,7 +524,12 @@ impl ServerHandle {
     /// # Errors
     /// When the signal handlers cannot be installed, or a shard failed.
     pub fn run_until_signal(&self) -> io::Result<()> {
-        self.inner.fleet.run_until_signal()
+        let result = self
+            .inner
+            .fleet
+            .run_until_signal(|| self.inner.service.stopping());
+        self.inner.service.stopped();
+        result
     }
 
     /// The broker link's counters (`None` without [`Builder::broker`]).
