@@ -122,6 +122,14 @@ impl Builder {
         self
     }
 
+    /// Join another process's listeners on the same address instead of failing with
+    /// `AddrInUse` (see [`Config::share_address`]): the new process of a restart that
+    /// loses nothing.
+    pub fn share_address(mut self, share: bool) -> Builder {
+        self.config.share_address = share;
+        self
+    }
+
     /// The handshake timeout.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Builder {
         self.config.timeouts.handshake = timeout;
@@ -254,7 +262,7 @@ impl<H: Handler> Server<H> {
 }
 
 fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
-    if config.addr.port() != 0 {
+    if config.addr.port() != 0 && !config.share_address {
         sys::ensure_free(&config.addr).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.addr))
         })?;
