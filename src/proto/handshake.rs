@@ -72,7 +72,7 @@ pub enum HttpError {
     HeadersTooLarge,
     /// 500: the application failed while deciding (its handler panicked).
     InternalServerError,
-    /// 503: the server is at its connection limit or shutting down.
+    /// 503: the server is at its connection limit.
     ServiceUnavailable,
 }
 

@@ -13,7 +13,7 @@ use super::token::Token;
 use super::{debug_log, warn_log};
 use crate::proto::deflate::{self, Deflate};
 use crate::proto::handshake::{self, HttpError};
-use crate::proto::{Connection, Event, OpCode, State};
+use crate::proto::{CloseCode, Connection, Event, OpCode, State};
 
 impl<A: App> Shard<A> {
     /// A receive completed: data, the peer's FIN, or the end of a (cancelled) receive.
@@ -199,11 +199,6 @@ impl<A: App> Core<A> {
                 return;
             }
         };
-        if self.shutting_down {
-            refuse(&mut c.link.out, HttpError::ServiceUnavailable);
-            c.flush_then_close();
-            return;
-        }
         let accept = match fault::guard(|| app.upgrade(&req)) {
             Ok(Ok(accept)) => accept,
             Ok(Err(e)) => {
@@ -251,6 +246,29 @@ impl<A: App> Core<A> {
         self.call(slot, "on_open", |app, session| app.open(session));
         if head < buf.len() {
             self.on_frames(slot, &mut buf[head..]);
+        }
+        if self.shutting_down {
+            self.going_away(slot);
+        }
+    }
+
+    /// An upgrade that completes while the server shuts down (the request was under way, or
+    /// the connection was still in the accept queue) is accepted and at once closed with
+    /// 1001, after the frames that came with the request: not refused with a 503.
+    ///
+    /// In a restart the client did nothing wrong and a new process is already serving; a
+    /// 1001 "going away" after a 101 is the close every WebSocket client treats as "reconnect"
+    /// (RFC 6455 §7.4.1), and the application sees the usual `on_open` … `on_close`. A 503 is
+    /// a failed handshake: browsers report it as an error with close 1006 and give the
+    /// application no reason, and client libraries often back off or give up on it.
+    fn going_away(&mut self, slot: u32) {
+        let (now, close_ms) = (self.now, self.close_ms);
+        let Some(c) = self.conns.at(slot) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Ws) {
+            c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms);
+            self.ctx.touch(&mut c.link);
         }
     }
 

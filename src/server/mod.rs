@@ -363,9 +363,10 @@ impl ServerHandle {
     }
 
     /// Asks every shard to shut down gracefully and returns at once: accepting stops, every
-    /// connection gets close 1001 after its queued output, messages its peer sent before
-    /// answering are still delivered, and shards exit once their connections closed or the
-    /// close timeout passed.
+    /// connection gets close 1001 after its queued output (one already accepted but still in
+    /// its handshake is upgraded first, then closed the same way), messages its peer sent
+    /// before answering are still delivered, and shards exit once their connections closed
+    /// or the close timeout passed. See `docs/restarts.md` for a restart that loses nothing.
     pub fn request_shutdown(&self) {
         self.inner.fleet.request_shutdown();
     }
