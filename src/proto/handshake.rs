@@ -77,7 +77,7 @@ pub enum HttpError {
     /// 501: a request body with `Transfer-Encoding` (chunked bodies are not supported:
     /// send `Content-Length`).
     NotImplemented,
-    /// 503: the server is at its connection limit or shutting down.
+    /// 503: the server is at its connection limit.
     ServiceUnavailable,
 }
 
