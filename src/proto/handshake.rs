@@ -749,8 +749,6 @@ fn valid_key(key: &[u8]) -> Option<&str> {
     }
 }
 
-/// Whether `s` can be written as a header value without splitting the head.
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
