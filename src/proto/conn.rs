@@ -334,7 +334,7 @@ impl Connection {
             }
         };
         let buf: &'a [u8] = buf;
-        let compressed = matches!(ready, Some(Ready::Data(_, Source::Inflated)));
+        let mut compressed = false;
         let event = match ready {
             None => None,
             Some(Ready::Data(opcode, Source::Input(range))) => {
@@ -355,7 +355,10 @@ impl Connection {
             Some(Ready::Data(opcode, source)) => {
                 self.lent = true;
                 let bytes = match source {
-                    Source::Inflated => &self.inflated,
+                    Source::Inflated => {
+                        compressed = true;
+                        &self.inflated
+                    }
                     _ => &self.reassembly,
                 };
                 if opcode == OpCode::Text {

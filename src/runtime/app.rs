@@ -276,11 +276,7 @@ impl<S> Session<'_, S> {
     #[inline]
     pub fn send(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let engine = self.engine.as_deref_mut();
-        let limits = self.ctx.limits;
-        let metrics = &mut self.ctx.metrics;
-        let status = queue_message(
-            self.link, engine, opcode, payload, compress, &limits, metrics,
-        );
+        let status = send_counted(self.link, engine, opcode, payload, compress, self.ctx);
         if matches!(status, SendStatus::Queued | SendStatus::Backpressure) {
             self.ctx.touch(self.link);
         }
@@ -416,6 +412,7 @@ impl ConnHandle {
 /// Queues one data message on a connection, compressed if `allow_compress`, compression was
 /// negotiated and the message is large enough. Compressed messages need the engine; when it
 /// is borrowed (during a delivery) they are copied aside and encoded after the call.
+#[inline]
 pub(crate) fn queue_message(
     link: &mut Link,
     engine: Option<&mut Connection>,
@@ -423,17 +420,14 @@ pub(crate) fn queue_message(
     payload: &[u8],
     allow_compress: bool,
     limits: &SendLimits,
-    metrics: &mut Metrics,
 ) -> SendStatus {
     if !link.open {
         return SendStatus::Closed;
     }
     if link.buffered() > limits.max_buffered {
-        metrics.dropped_over_cap += 1;
         return SendStatus::Dropped;
     }
     let compress = allow_compress && link.compress && payload.len() >= link.min_compress;
-    metrics.sent.count(payload.len(), compress);
     match engine {
         Some(engine) if compress => {
             if engine.send(&mut link.out, opcode, payload, true).is_err() {
@@ -448,6 +442,31 @@ pub(crate) fn queue_message(
         _ => encode_frame(&mut link.out, true, false, opcode, payload),
     }
     link.status(limits)
+}
+
+/// [`queue_message`] with the outcome counted in the shard's metrics: a message sent
+/// (compressed as `queue_message` decided), or one dropped over the hard cap. Out of line, so
+/// that the callers (inlined into the handler's callbacks) stay small.
+#[inline(never)]
+pub(crate) fn send_counted(
+    link: &mut Link,
+    engine: Option<&mut Connection>,
+    opcode: OpCode,
+    payload: &[u8],
+    allow_compress: bool,
+    ctx: &mut Ctx,
+) -> SendStatus {
+    let status = queue_message(link, engine, opcode, payload, allow_compress, &ctx.limits);
+    let (metrics, len) = (&mut ctx.metrics, payload.len());
+    match status {
+        SendStatus::Queued | SendStatus::Backpressure => {
+            let compressed = allow_compress && link.compress && len >= link.min_compress;
+            metrics.sent.count(len, compressed);
+        }
+        SendStatus::Dropped => metrics.dropped_over_cap += 1,
+        SendStatus::Closed | SendStatus::QueueFull => {}
+    }
+    status
 }
 
 /// The longest prefix of `reason` that fits a close frame (125 - 2 code bytes), cut at a
@@ -481,17 +500,8 @@ mod tests {
             high_water_mark: 8,
             max_buffered: 16,
         };
-        let send = |link: &mut Link| {
-            queue_message(
-                link,
-                None,
-                OpCode::Text,
-                b"hello",
-                true,
-                &limits,
-                &mut Metrics::default(),
-            )
-        };
+        let send =
+            |link: &mut Link| queue_message(link, None, OpCode::Text, b"hello", true, &limits);
         assert_eq!(send(&mut link), SendStatus::Closed, "not open yet");
         link.open = true;
         assert_eq!(send(&mut link), SendStatus::Queued);

@@ -449,17 +449,7 @@ impl<A: App> Core<A> {
             let progress = engine.handle_read(&mut data[pos..], &mut c.link.out);
             pos += progress.consumed;
             let Some(event) = progress.event else { break };
-            let received = &mut ctx.metrics.received;
-            match &event {
-                Event::Text(text) => received.count(text.len(), progress.compressed),
-                Event::Binary(bytes) => received.count(bytes.len(), progress.compressed),
-                Event::Fragment { data, last, .. } => {
-                    received.bytes += data.len() as u64;
-                    received.messages += u64::from(*last);
-                }
-                Event::Error(e) => ctx.metrics.protocol_errors.count(*e),
-                _ => {}
-            }
+            let compressed = progress.compressed;
             let failed = matches!(event, Event::Error(_));
             let link = &mut c.link;
             let session = Session {
@@ -477,37 +467,32 @@ impl<A: App> Core<A> {
                         fault::guard(|| app.close(session, code, reason)),
                     )
                 }
-                Event::Error(e) if !session.link.notified => {
-                    tracing::debug!(
-                        shard = ctx_shard,
-                        peer = %session.link.peer,
-                        code = e.close_code().0,
-                        "protocol error: {e}"
-                    );
-                    session.link.notified = true;
-                    session.link.open = false;
-                    let (code, reason) = (Some(e.close_code()), e.to_string());
+                Event::Error(e) => ("on_close", protocol_error(app, session, e, ctx_shard)),
+                Event::Close { .. } => ("", Ok(())),
+                _ if *poisoned => ("", Ok(())),
+                Event::Text(text) => {
+                    session.ctx.metrics.received.count(text.len(), compressed);
                     (
-                        "on_close",
-                        fault::guard(|| app.close(session, code, &reason)),
+                        "on_message",
+                        fault::guard(|| app.deliver(session, Delivery::Text(text))),
                     )
                 }
-                Event::Close { .. } | Event::Error(_) => ("", Ok(())),
-                _ if *poisoned => ("", Ok(())),
-                Event::Text(text) => (
-                    "on_message",
-                    fault::guard(|| app.deliver(session, Delivery::Text(text))),
-                ),
-                Event::Binary(bytes) => (
-                    "on_message",
-                    fault::guard(|| app.deliver(session, Delivery::Binary(bytes))),
-                ),
+                Event::Binary(bytes) => {
+                    session.ctx.metrics.received.count(bytes.len(), compressed);
+                    (
+                        "on_message",
+                        fault::guard(|| app.deliver(session, Delivery::Binary(bytes))),
+                    )
+                }
                 Event::Fragment {
                     opcode,
                     data,
                     first,
                     last,
                 } => {
+                    let received = &mut session.ctx.metrics.received;
+                    received.bytes += data.len() as u64;
+                    received.messages += u64::from(last);
                     let text = opcode == OpCode::Text;
                     let piece = Delivery::Fragment {
                         text,
@@ -544,6 +529,33 @@ impl<A: App> Core<A> {
         }
         ctx.touch(&mut c.link);
     }
+}
+
+/// A protocol error from the engine (its close frame is queued already): counted, logged at
+/// debug level, and `on_close` with its code unless the application was told already. Out of
+/// line, so the per-message loop stays small.
+#[cold]
+#[inline(never)]
+fn protocol_error<A: App>(
+    app: &A,
+    session: Session<'_, A::State>,
+    e: crate::proto::ProtocolError,
+    shard: usize,
+) -> Result<(), String> {
+    session.ctx.metrics.protocol_errors.count(e);
+    if session.link.notified {
+        return Ok(());
+    }
+    tracing::debug!(
+        shard,
+        peer = %session.link.peer,
+        code = e.close_code().0,
+        "protocol error: {e}"
+    );
+    session.link.notified = true;
+    session.link.open = false;
+    let (code, reason) = (Some(e.close_code()), e.to_string());
+    fault::guard(|| app.close(session, code, &reason))
 }
 
 /// The status code of a whole HTTP response (`HTTP/1.1 NNN ...`), or 0.

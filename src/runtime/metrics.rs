@@ -161,13 +161,13 @@ impl Traffic {
     /// Counts one message.
     #[inline]
     pub(crate) fn count(&mut self, len: usize, compressed: bool) {
-        if compressed {
-            self.compressed_messages += 1;
-            self.compressed_bytes += len as u64;
+        let (messages, bytes) = if compressed {
+            (&mut self.compressed_messages, &mut self.compressed_bytes)
         } else {
-            self.messages += 1;
-            self.bytes += len as u64;
-        }
+            (&mut self.messages, &mut self.bytes)
+        };
+        *messages += 1;
+        *bytes += len as u64;
     }
 
     fn add(&mut self, other: &Traffic) {

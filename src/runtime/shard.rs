@@ -695,19 +695,17 @@ impl<A: App> Core<A> {
 
     /// A message from another thread for one connection.
     fn send_to(&mut self, id: ConnId, opcode: OpCode, payload: &[u8]) {
-        let limits = self.ctx.limits;
         let Some(c) = self.conns.get(id) else {
             return;
         };
         let Some(ws) = c.ws.as_mut() else { return };
-        let status = super::app::queue_message(
+        let status = super::app::send_counted(
             &mut c.link,
             Some(&mut ws.engine),
             opcode,
             payload,
             true,
-            &limits,
-            &mut self.ctx.metrics,
+            &mut self.ctx,
         );
         if matches!(
             status,
