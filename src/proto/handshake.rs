@@ -77,7 +77,7 @@ pub enum HttpError {
     /// 501: a request body with `Transfer-Encoding` (chunked bodies are not supported:
     /// send `Content-Length`).
     NotImplemented,
-    /// 503: the server is at its connection limit or shutting down.
+    /// 503: the server is at its connection limit.
     ServiceUnavailable,
 }
 
@@ -748,8 +748,6 @@ fn valid_key(key: &[u8]) -> Option<&str> {
         _ => None,
     }
 }
-
-/// Whether `s` can be written as a header value without splitting the head.
 
 #[cfg(test)]
 mod tests {

@@ -114,6 +114,8 @@ pub(crate) struct Conn<S> {
     pub cancels: u32,
     /// The peer's FIN arrived.
     pub peer_eof: bool,
+    /// A plain HTTP request was answered and the connection kept for the next one.
+    pub kept_alive: bool,
     /// Output is over the high-water mark: reading stops until it drains.
     pub over_mark: bool,
     /// Input received while over the mark.
@@ -139,6 +141,7 @@ impl<S> Conn<S> {
             recv_buf: None,
             cancels: 0,
             peer_eof: false,
+            kept_alive: false,
             over_mark: false,
             stash: Stash::default(),
             pinged_at: None,

@@ -8,8 +8,10 @@
 //! stops and [`Fleet::wait`] reports the failure.
 
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -63,6 +65,10 @@ pub(crate) struct Fleet {
     mailboxes: Arc<[Arc<Mailbox>]>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     exited: Arc<ExitSignal>,
+    /// The shards' listening address.
+    addr: Option<SocketAddr>,
+    /// Shutdown was requested before (the accept-queue check is made once).
+    shutdown_requested: AtomicBool,
 }
 
 impl Fleet {
@@ -81,6 +87,9 @@ impl Fleet {
     ) -> io::Result<Fleet> {
         fault::install_hook();
         let count = listeners.len();
+        let addr = listeners
+            .first()
+            .and_then(|l| sys::local_addr(l.as_raw_fd()).ok());
         let capacity = config.buffers.command_queue;
         let mailboxes: Vec<Arc<Mailbox>> = (0..count)
             .map(|i| Mailbox::new(i, capacity).map(Arc::new))
@@ -178,6 +187,8 @@ impl Fleet {
             mailboxes,
             threads: Mutex::new(threads),
             exited,
+            addr,
+            shutdown_requested: AtomicBool::new(false),
         };
         if let Some(e) = first_error {
             fleet.request_shutdown();
@@ -202,7 +213,34 @@ impl Fleet {
 
     /// Asks every shard to shut down gracefully; returns at once.
     pub fn request_shutdown(&self) {
+        if !self.shutdown_requested.swap(true, Ordering::Relaxed) {
+            self.warn_if_queues_reset();
+        }
         self.post_all(|| Command::Shutdown);
+    }
+
+    /// Logs once when other listeners share our address (a process taking over from this
+    /// one) but the kernel will reset, not hand over, the connections waiting in our accept
+    /// queues as the shards close their listeners: `net.ipv4.tcp_migrate_req` is 0.
+    fn warn_if_queues_reset(&self) {
+        let Some(addr) = self.addr else { return };
+        if sys::migrate_req() != Some(false) {
+            return;
+        }
+        let ours = self.mailboxes.iter().filter(|m| !m.is_stopped()).count();
+        let Some(all) = sys::listeners_on(&addr) else {
+            return;
+        };
+        if all > ours {
+            tracing::warn!(
+                %addr,
+                others = all - ours,
+                "other listeners share this address, but net.ipv4.tcp_migrate_req is 0: the \
+                 connections waiting in this server's accept queues when it closes its \
+                 listeners are reset instead of handed over to them. For restarts that lose \
+                 nothing, set net.ipv4.tcp_migrate_req = 1 (a file in /etc/sysctl.d/)"
+            );
+        }
     }
 
     /// Waits for every shard thread to exit; an error names every shard that failed.

@@ -17,7 +17,7 @@ use super::slab::ConnId;
 use super::token::Token;
 use crate::proto::deflate::{self, Deflate};
 use crate::proto::handshake::{self, HttpError};
-use crate::proto::{Connection, Event, OpCode, State};
+use crate::proto::{CloseCode, Connection, Event, OpCode, State};
 
 impl<A: App> Shard<A> {
     /// A receive completed: data, the peer's FIN, or the end of a (cancelled) receive.
@@ -235,6 +235,7 @@ impl<A: App> Core<A> {
                 return;
             }
             // Waiting for the next request is bounded like the first one.
+            c.kept_alive = true;
             c.deadline = Some(
                 self.now
                     .saturating_add(millis(self.config.timeouts.handshake)),
@@ -284,9 +285,6 @@ impl<A: App> Core<A> {
         if !matches!(handshake::body_length(&req, 0), Ok(0)) {
             let e = HttpError::BadRequest("a body on an upgrade request");
             return self.refuse(slot, e, "upgrade refused");
-        }
-        if self.shutting_down {
-            return self.refuse(slot, HttpError::ServiceUnavailable, "upgrade refused");
         }
         let Some(c) = self.conns.at(slot) else {
             return;
@@ -374,6 +372,29 @@ impl<A: App> Core<A> {
         if !early.is_empty() {
             self.on_frames(slot, &mut early);
         }
+        if self.shutting_down {
+            self.going_away(slot);
+        }
+    }
+
+    /// An upgrade that completes while the server shuts down (the request was under way, or
+    /// the connection was still in the accept queue) is accepted and at once closed with
+    /// 1001, after the frames that came with the request: not refused with a 503.
+    ///
+    /// In a restart the client did nothing wrong and a new process is already serving; a
+    /// 1001 "going away" after a 101 is the close every WebSocket client treats as "reconnect"
+    /// (RFC 6455 §7.4.1), and the application sees the usual `on_open` … `on_close`. A 503 is
+    /// a failed handshake: browsers report it as an error with close 1006 and give the
+    /// application no reason, and client libraries often back off or give up on it.
+    fn going_away(&mut self, slot: u32) {
+        let (now, close_ms) = (self.now, self.close_ms);
+        let Some(c) = self.conns.at(slot) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Ws) {
+            c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms);
+            self.ctx.touch(&mut c.link);
+        }
     }
 
     /// The answer to a deferred upgrade, from another thread: applied if the connection is
@@ -396,12 +417,7 @@ impl<A: App> Core<A> {
         else {
             return;
         };
-        let slot = id.slot;
-        if self.shutting_down && matches!(*verdict, Verdict::Accept(_)) {
-            let _ = fault::guard(move || drop(verdict));
-            return self.refuse(slot, HttpError::ServiceUnavailable, "upgrade refused");
-        }
-        self.decide(slot, *verdict, *deferred);
+        self.decide(id.slot, *verdict, *deferred);
     }
 
     /// Frames: through the engine, each event to the application. Data that arrives after

@@ -507,28 +507,38 @@ impl<A: App> Shard<A> {
         core.shutting_down = true;
         core.shutdown_deadline = core.now.saturating_add(core.close_ms);
         let (now, close_ms) = (core.now, core.close_ms);
+        // Open connections get 1001. Those still in their handshake keep their handshake
+        // deadline: their upgrade is answered, then closed with 1001 (`Core::going_away`), so
+        // the client reconnects to the process that replaces this one instead of seeing a
+        // reset. Everything is bounded by `shutdown_deadline` (the sweep).
         for slot in 0..core.conns.end() {
             let Some(c) = core.conns.at(slot) else {
                 continue;
             };
-            match c.phase {
+            match &c.phase {
                 Phase::Ws => {
-                    c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms)
+                    c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms);
+                    core.ctx.touch(&mut c.link);
                 }
-                Phase::Handshake(_) | Phase::Deferred(_) => c.kill(),
+                // An HTTP keep-alive connection between requests: nothing is in progress, and
+                // HTTP clients retry on a connection closed while idle.
+                Phase::Handshake(request) if c.kept_alive && request.is_empty() => {
+                    c.kill();
+                    core.ctx.touch(&mut c.link);
+                }
                 _ => {}
             }
-            core.ctx.touch(&mut c.link);
         }
     }
 }
 
 impl<A: App> Core<A> {
-    /// A new connection: handshake, or 503 over the connection limit.
+    /// A new connection: handshake, or 503 over the connection limit. During shutdown too:
+    /// the connection was in the accept queue (its accept completed before the cancel, or
+    /// the kernel moved it here from another listener of the group that closed), its client
+    /// has done nothing wrong, and dropping the socket would reset it. Its upgrade is
+    /// answered and closed with 1001 (`Core::going_away`).
     fn on_accept(&mut self, socket: OwnedFd) {
-        if self.shutting_down {
-            return; // dropping the socket closes it
-        }
         self.ctx.metrics.accepted += 1;
         let fd = socket.as_raw_fd();
         sys::set_nodelay(fd);

@@ -1,11 +1,13 @@
 //! Plain system calls the shards make outside the ring, all cold-path: creating listeners and
-//! eventfds, socket options, `shutdown`/`close`, `poll` and CPU pinning.
+//! eventfds, socket options, `shutdown`/`close`, `poll` and CPU pinning; and, at shutdown,
+//! reading the kernel's listener table and `tcp_migrate_req` from `/proc`.
 //!
 //! Every `unsafe` here is a libc call on integers or on memory owned by the calling frame.
 
+use std::fmt::Write as _;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -128,6 +130,48 @@ pub(crate) fn ensure_free(addr: &SocketAddr) -> io::Result<()> {
     });
     close(fd);
     result
+}
+
+/// `net.ipv4.tcp_migrate_req` in the calling thread's network namespace (Linux 5.14+;
+/// `None` before): whether a listener that closes hands the connections waiting in its
+/// accept queue to another listener of its `SO_REUSEPORT` group instead of resetting them.
+pub(crate) fn migrate_req() -> Option<bool> {
+    let value = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").ok()?;
+    Some(value.trim() != "0")
+}
+
+/// How many TCP sockets listen on exactly `addr` in the calling thread's network namespace,
+/// ours included; `None` if the table cannot be read.
+pub(crate) fn listeners_on(addr: &SocketAddr) -> Option<usize> {
+    let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
+    let text = std::fs::read_to_string(format!("/proc/thread-self/net/{table}")).ok()?;
+    Some(count_listeners(&text, addr))
+}
+
+/// Counts the rows of a `/proc/net/tcp` or `tcp6` table in state `0A` (`LISTEN`) whose local
+/// address is `addr`. The kernel prints each 32-bit word of the address as it lies in memory
+/// (network order) read as a native integer, and the port in host order.
+fn count_listeners(table: &str, addr: &SocketAddr) -> usize {
+    let mut want = String::new();
+    let octets = match addr.ip() {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    for word in octets.chunks_exact(4) {
+        let word = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+        let _ = write!(want, "{word:08X}");
+    }
+    let _ = write!(want, ":{:04X}", addr.port());
+    table
+        .lines()
+        .skip(1)
+        .filter(|row| {
+            let mut fields = row.split_whitespace().skip(1);
+            let local = fields.next();
+            let state = fields.nth(1);
+            local == Some(want.as_str()) && state == Some("0A")
+        })
+        .count()
 }
 
 fn set_int_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -300,6 +344,35 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         drop(socket);
         assert!(ensure_free(&addr).is_ok());
+    }
+
+    #[test]
+    fn listeners_on_an_address_are_counted() {
+        let first = listen(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(first.as_raw_fd()).unwrap();
+        assert_eq!(listeners_on(&addr), Some(1));
+        let second = listen(&addr, 16).unwrap();
+        assert_eq!(listeners_on(&addr), Some(2));
+        drop((first, second));
+        assert_eq!(listeners_on(&addr), Some(0));
+    }
+
+    #[test]
+    fn listen_rows_are_matched_by_address_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+                     0: 0100007F:2329 00000000:0000 0A 00000000:00000000\n\
+                     1: 0100007F:2329 0100007F:9C40 01 00000000:00000000\n\
+                     2: 00000000:2329 00000000:0000 0A 00000000:00000000\n";
+        let addr: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(count_listeners(table, &addr), 1);
+        }
+        let v6 = "  sl  local_address                         remote_address st\n\
+                  0: 00000000000000000000000001000000:2329 00000000000000000000000000000000:0000 0A\n";
+        let loopback: SocketAddr = "[::1]:9001".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(count_listeners(v6, &loopback), 1);
+        }
     }
 
     #[test]

@@ -20,6 +20,13 @@ pub struct Config {
     pub pin_threads: bool,
     /// The listen backlog. Default 1024.
     pub backlog: i32,
+    /// Join the listeners another process already has on [`Config::addr`] instead of
+    /// refusing to start (`AddrInUse`): for a restart that loses nothing, where the new
+    /// process starts while the old one still serves and the kernel spreads new connections
+    /// over both until the old one stops (see `docs/restarts.md`). Both must run as the same
+    /// user. Default off: a second server started on a taken address by mistake would
+    /// otherwise silently get half of its connections.
+    pub share_address: bool,
     /// Caps on what peers may send.
     pub limits: Limits,
     /// Handshake, idle and close timeouts.
@@ -47,6 +54,7 @@ impl Default for Config {
             shards: 0,
             pin_threads: true,
             backlog: 1024,
+            share_address: false,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             buffers: Buffers::default(),

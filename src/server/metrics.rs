@@ -224,8 +224,10 @@ mod tests {
 
     #[test]
     fn the_text_names_every_family_and_ends_with_eof() {
-        let mut m = Metrics::default();
-        m.accepted = 3;
+        let mut m = Metrics {
+            accepted: 3,
+            ..Metrics::default()
+        };
         m.handshakes_failed.count(404);
         m.closes_sent.count(Some(crate::proto::CloseCode::NORMAL));
         let text = encode(&m);

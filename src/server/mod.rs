@@ -171,6 +171,14 @@ impl Builder {
         self
     }
 
+    /// Join another process's listeners on the same address instead of failing with
+    /// `AddrInUse` (see [`Config::share_address`]): the new process of a restart that
+    /// loses nothing.
+    pub fn share_address(mut self, share: bool) -> Builder {
+        self.config.share_address = share;
+        self
+    }
+
     /// The handshake timeout.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Builder {
         self.config.timeouts.handshake = timeout;
@@ -338,7 +346,7 @@ impl<H: Handler> Server<H> {
 }
 
 fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
-    if config.addr.port() != 0 {
+    if config.addr.port() != 0 && !config.share_address {
         sys::ensure_free(&config.addr).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.addr))
         })?;
@@ -482,9 +490,11 @@ impl ServerHandle {
     }
 
     /// Asks every shard to shut down gracefully and returns at once: accepting stops, every
-    /// connection gets close 1001 after its queued output, messages its peer sent before
-    /// answering are still delivered, and shards exit once their connections closed or the
-    /// close timeout passed. Under systemd, the first request sends `STOPPING=1`.
+    /// connection gets close 1001 after its queued output (one already accepted but still in
+    /// its handshake is upgraded first, then closed the same way), messages its peer sent
+    /// before answering are still delivered, and shards exit once their connections closed
+    /// or the close timeout passed. Under systemd, the first request sends `STOPPING=1`. See
+    /// the README's "Restarts" for a restart that loses nothing.
     pub fn request_shutdown(&self) {
         self.inner.service.stopping();
         self.inner.fleet.request_shutdown();

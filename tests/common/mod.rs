@@ -114,6 +114,7 @@ impl TestHandler {
                 let text = "compressible ".repeat(100);
                 ws.send_with(Message::Text(&text), false);
             }
+            ["panic"] => panic!("asked to (test)"),
             ["shard"] => {
                 let shard = ws.shard();
                 ws.send_text(&format!("shard:{shard}"));
