@@ -13,30 +13,34 @@
 //! cargo run --release --features nats --example chat -- --addr 127.0.0.1:9003 \
 //!     --nats nats://127.0.0.1:4222
 //! ```
+//!
+//! The flags every example takes are in `--help` (`examples/common`); the default address is
+//! `127.0.0.1:9002`.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use clap::Parser;
 use ringsock::proto::handshake::{HttpError, Request};
 use ringsock::proto::CloseCode;
 use ringsock::server::{
-    BrokerNotice, Builder, Decision, Handler, HttpResponse, Message, ServerHandle, Upgrade, Ws,
+    BrokerNotice, Decision, Handler, HttpResponse, Message, ServerHandle, Upgrade, Ws,
 };
 
-const USAGE: &str = "\
-usage: chat [--addr HOST:PORT] [--shards N] [--redis URL | --nats URL]
-
-Serves a chat page on http://HOST:PORT/; /#ROOM or /?room=ROOM picks a room (up to 64
-letters, digits, '-' and '_'; default lobby).
-
-  --addr HOST:PORT  where to listen (default 127.0.0.1:9002)
-  --shards N        shard threads, 0 for one per CPU (default 0)
-  --redis URL       share rooms with other chat processes through Redis pub/sub,
-                    e.g. redis://127.0.0.1:6379 (needs --features redis)
-  --nats URL        the same through NATS, e.g. nats://127.0.0.1:4222 (needs --features nats)
-  -h, --help        this text
-";
+/// Chat rooms on http://HOST:PORT/: /#ROOM or /?room=ROOM picks a room (up to 64 letters,
+/// digits, '-' and '_'; default lobby).
+#[derive(Parser, Debug)]
+#[command(name = "chat")]
+struct Cli {
+    #[command(flatten)]
+    server: common::ServerArgs,
+    #[command(flatten)]
+    broker: common::BrokerArgs,
+}
 
 const PAGE: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>ringsock chat</title>
@@ -168,7 +172,7 @@ impl Handler for Chat {
     /// meanwhile are lost. (A broadcast reaches this node's connections only, which is what
     /// we want: each node reports its own link.)
     fn on_broker(&self, notice: BrokerNotice) {
-        eprintln!("chat: broker link: {notice:?}");
+        tracing::info!(?notice, "chat: broker link");
         let line = match notice {
             BrokerNotice::Disconnected => "* lost the link to the other nodes; reconnecting",
             BrokerNotice::Resubscribed { gap: true } => {
@@ -190,131 +194,22 @@ impl Handler for Chat {
     }
 }
 
-/// The command line.
-struct Args {
-    addr: String,
-    shards: usize,
-    /// `--redis URL` or `--nats URL`.
-    broker: Option<(&'static str, String)>,
-}
-
-/// Prints `message` and the usage on stderr, and exits with status 2.
-fn usage_error(message: &str) -> ! {
-    eprint!("chat: {message}\n\n{USAGE}");
-    std::process::exit(2);
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        addr: "127.0.0.1:9002".to_owned(),
-        shards: 0,
-        broker: None,
-    };
-    let mut argv = std::env::args().skip(1);
-    while let Some(flag) = argv.next() {
-        let mut value = || {
-            argv.next()
-                .unwrap_or_else(|| usage_error(&format!("{flag} needs a value")))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--addr" => args.addr = value(),
-            "--shards" => {
-                let n = value();
-                args.shards = n
-                    .parse()
-                    .unwrap_or_else(|_| usage_error(&format!("--shards {n}: not a number")));
-            }
-            "--redis" | "--nats" => {
-                let url = value();
-                if args.broker.is_some() {
-                    usage_error("give one of --redis and --nats");
-                }
-                let engine = if flag == "--redis" { "redis" } else { "nats" };
-                args.broker = Some((engine, url));
-            }
-            other => usage_error(&format!("unknown argument {other}")),
-        }
-    }
-    args
-}
-
-/// The builder with the broker the command line asked for, or an exit with status 2 when
-/// the URL is wrong or the engine was not built in.
-#[cfg(any(feature = "redis", feature = "nats"))]
-fn with_broker(builder: Builder, broker: Option<(&'static str, String)>) -> Builder {
-    use ringsock::broker::BrokerConfig;
-    let Some((engine, url)) = broker else {
-        return builder;
-    };
-    let config = match engine {
-        #[cfg(feature = "redis")]
-        "redis" => BrokerConfig::redis(&url),
-        #[cfg(feature = "nats")]
-        "nats" => BrokerConfig::nats(&url),
-        _ => missing_feature(engine),
-    };
-    match config {
-        Ok(config) => builder.broker(config),
-        Err(e) => {
-            eprintln!("chat: {e}");
-            std::process::exit(2);
-        }
-    }
-}
-
-/// Without a broker engine built in, only the absence of `--redis` and `--nats` is fine.
-#[cfg(not(any(feature = "redis", feature = "nats")))]
-fn with_broker(builder: Builder, broker: Option<(&'static str, String)>) -> Builder {
-    match broker {
-        None => builder,
-        Some((engine, _)) => missing_feature(engine),
-    }
-}
-
-/// Says how to build the example with `engine` and exits with status 2.
-fn missing_feature(engine: &str) -> ! {
-    eprintln!(
-        "chat: --{engine} needs the `{engine}` feature; build with \
-         cargo run --release --features {engine} --example chat -- --{engine} URL"
-    );
-    std::process::exit(2);
-}
-
 fn main() {
-    let args = parse_args();
+    let cli: Cli = common::parse("127.0.0.1:9002");
+    common::init_logging();
     let server_cell = Arc::new(OnceLock::new());
-    let brokered = args.broker.as_ref().map(|(engine, _)| *engine);
-    let builder = Builder::new()
-        .addr(args.addr.as_str())
-        .shards(args.shards)
-        .max_message_size(64 * 1024);
-    let server = with_broker(builder, args.broker).build(Chat {
+    let builder = cli.server.builder().max_message_size(64 * 1024);
+    let server = cli.broker.connect::<Cli>(builder).build(Chat {
         next_id: AtomicU64::new(1),
         names: std::collections::hash_map::RandomState::new(),
         server: Arc::clone(&server_cell),
     });
-    let handle = match server.start() {
-        Ok(handle) => handle,
-        Err(e) => {
-            eprintln!("chat: cannot start: {e}");
-            std::process::exit(1);
-        }
-    };
+    let handle = common::start("chat", server);
     let _ = server_cell.set(handle.clone());
-    let across = brokered.map_or(String::new(), |engine| {
+    let across = cli.broker.engine().map_or(String::new(), |(engine, _)| {
         format!(", rooms shared with other nodes through {engine}")
     });
-    println!(
-        "chat: open http://{}/ ({} shards{across})",
-        handle.local_addr(),
-        handle.shards()
-    );
-    if let Err(e) = handle.run_until_signal() {
-        eprintln!("chat: {e}");
-        std::process::exit(1);
-    }
+    let details = format!(", the page on http://{}/{across}", handle.local_addr());
+    common::listening("chat", &handle, &cli.server, &details);
+    common::serve("chat", &handle);
 }

@@ -1,17 +1,31 @@
 //! Echo server: every message comes back with its type (text stays text). The Autobahn
-//! target.
+//! target, and the ringsock side of `ringsock-perf`'s echo scenarios.
 //!
 //! ```sh
 //! cargo run --release --example echo -- --addr 127.0.0.1:9001 --shards 2
+//! curl http://127.0.0.1:9001/healthz   # ok
+//! curl http://127.0.0.1:9001/metrics   # the Prometheus text format
 //! ```
 //!
-//! `--addr` (or `RINGSOCK_ADDR`) defaults to `127.0.0.1:9001`; `--shards` (or
-//! `RINGSOCK_SHARDS`) defaults to one per CPU. permessage-deflate is enabled. Messages up to
-//! 64 MiB are accepted, in frames of up to 64 MiB. `--no-buffer-ring` switches to the
-//! fallback path (single-shot receives into per-connection buffers).
+//! The flags every example takes are in `--help` (`examples/common`); the default address is
+//! `127.0.0.1:9001`. permessage-deflate is enabled. Messages up to 64 MiB are accepted, in
+//! frames of up to 64 MiB. Plain HTTP: `GET /healthz` answers `200 ok` (for a load balancer or
+//! a liveness probe), `GET /metrics` the metrics (`--metrics-path`), anything else 426.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use clap::Parser;
 use ringsock::proto::handshake::Request;
-use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
+use ringsock::server::{Decision, Handler, HttpResponse, Message, Upgrade, Ws};
+
+/// Echo server: every WebSocket message comes back with its type. GET /healthz answers ok.
+#[derive(Parser, Debug)]
+#[command(name = "echo")]
+struct Cli {
+    #[command(flatten)]
+    server: common::ServerArgs,
+}
 
 struct Echo;
 
@@ -25,56 +39,23 @@ impl Handler for Echo {
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
         ws.send(msg);
     }
-}
 
-fn arg(name: &str, env: &str) -> Option<String> {
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == name {
-            return args.next();
-        }
-        if let Some(value) = a.strip_prefix(&format!("{name}=")) {
-            return Some(value.to_owned());
-        }
+    /// `GET /healthz`: answered by a shard, so an answer means the shards serve.
+    fn on_http(&self, req: &Request<'_>) -> Option<HttpResponse> {
+        (req.method() == "GET" && req.path_only() == "/healthz").then(|| HttpResponse::text("ok\n"))
     }
-    std::env::var(env).ok()
 }
 
 fn main() {
-    let addr = arg("--addr", "RINGSOCK_ADDR").unwrap_or_else(|| "127.0.0.1:9001".into());
-    let shards = match arg("--shards", "RINGSOCK_SHARDS").map(|s| s.parse::<usize>()) {
-        Some(Ok(n)) => n,
-        Some(Err(e)) => {
-            eprintln!("echo: bad --shards: {e}");
-            std::process::exit(2);
-        }
-        None => 0,
-    };
-    // For measuring and for exercising the fallback: single-shot receives.
-    let plain_recv = std::env::args().any(|a| a == "--no-buffer-ring");
-    let server = Builder::new()
-        .addr(addr.as_str())
-        .shards(shards)
-        .configure(|c| {
-            c.buffers.use_buffer_ring = !plain_recv;
-        })
+    let cli: Cli = common::parse("127.0.0.1:9001");
+    common::init_logging();
+    let server = cli
+        .server
+        .builder()
         .max_message_size(64 << 20)
         .max_frame_size(64 << 20)
         .build(Echo);
-    let handle = match server.start() {
-        Ok(handle) => handle,
-        Err(e) => {
-            eprintln!("echo: cannot start: {e}");
-            std::process::exit(1);
-        }
-    };
-    println!(
-        "echo: listening on ws://{} with {} shards",
-        handle.local_addr(),
-        handle.shards()
-    );
-    if let Err(e) = handle.run_until_signal() {
-        eprintln!("echo: {e}");
-        std::process::exit(1);
-    }
+    let handle = common::start("echo", server);
+    common::listening("echo", &handle, &cli.server, "");
+    common::serve("echo", &handle);
 }

@@ -12,28 +12,30 @@
 //! target/release/examples/fanout --addr 127.0.0.1:9004 --redis redis://127.0.0.1:6379
 //! ```
 //!
-//! Prints one line when it listens, then runs until SIGINT/SIGTERM. Exits 2 on a bad command
-//! line (including `--redis`/`--nats` in a build without that feature), 1 when it cannot
-//! start or a shard fails.
+//! The flags every example takes are in `--help` (`examples/common`); the default address is
+//! `127.0.0.1:9003`. Prints one line when it listens, then runs until SIGINT/SIGTERM. Exits 2
+//! on a bad command line (including `--redis`/`--nats` in a build without that feature, or a
+//! URL the engine refuses), 1 when it cannot start or a shard fails.
 
-use std::process::exit;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 
+use clap::Parser;
 use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
+use ringsock::server::{Decision, Handler, Message, Upgrade, Ws};
 
-const USAGE: &str = "\
-usage: fanout [--addr HOST:PORT] [--shards N] [--redis URL | --nats URL]
-
-  --addr HOST:PORT  where to listen (default 127.0.0.1:9003)
-  --shards N        shard threads, 0 for one per CPU (default 0)
-  --redis URL       share topics with other nodes over Redis pub/sub (feature `redis`)
-  --nats URL        share topics with other nodes over NATS core subjects (feature `nats`)
-  --help            this text
-
-ws://HOST:PORT/sub/TOPIC subscribes to TOPIC; messages sent to ws://HOST:PORT/pub/TOPIC are
-published to TOPIC unchanged.
-";
+/// Publish/subscribe node: ws://HOST:PORT/sub/TOPIC subscribes to TOPIC; messages sent to
+/// ws://HOST:PORT/pub/TOPIC are published to TOPIC unchanged.
+#[derive(Parser, Debug)]
+#[command(name = "fanout")]
+struct Cli {
+    #[command(flatten)]
+    server: common::ServerArgs,
+    #[command(flatten)]
+    broker: common::BrokerArgs,
+}
 
 /// What a connection is for, from its path.
 enum Role {
@@ -77,130 +79,22 @@ impl Handler for Fanout {
 
     #[cfg(any(feature = "redis", feature = "nats"))]
     fn on_broker(&self, notice: ringsock::server::BrokerNotice) {
-        eprintln!("fanout: broker: {notice:?}");
+        tracing::info!(?notice, "fanout: broker link");
     }
-}
-
-/// The command line.
-struct Options {
-    addr: String,
-    shards: usize,
-    /// `(flag, URL)` of the broker, if one was given.
-    broker: Option<(&'static str, String)>,
-}
-
-fn usage_error(text: &str) -> ! {
-    eprintln!("fanout: {text}\n\n{USAGE}");
-    exit(2);
-}
-
-fn parse_args() -> Options {
-    let mut options = Options {
-        addr: "127.0.0.1:9003".into(),
-        shards: 0,
-        broker: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "--help" || flag == "-h" {
-            print!("{USAGE}");
-            exit(0);
-        }
-        let flag: &'static str = match flag.as_str() {
-            "--addr" => "--addr",
-            "--shards" => "--shards",
-            "--redis" => "--redis",
-            "--nats" => "--nats",
-            _ => usage_error(&format!("unknown argument {arg:?}")),
-        };
-        let Some(value) = inline.or_else(|| args.next()) else {
-            usage_error(&format!("{flag} needs a value"));
-        };
-        match flag {
-            "--addr" => options.addr = value,
-            "--shards" => match value.parse() {
-                Ok(n) => options.shards = n,
-                Err(e) => usage_error(&format!("bad --shards {value:?}: {e}")),
-            },
-            _ => {
-                if let Some((other, _)) = &options.broker {
-                    usage_error(&format!("{flag} and {other}: give one broker"));
-                }
-                options.broker = Some((flag, value));
-            }
-        }
-    }
-    options
-}
-
-/// Connects the builder to the broker given on the command line; exits 2 if the build lacks
-/// the engine's feature, 1 if the URL is refused.
-#[allow(unused_mut)]
-fn with_broker(mut builder: Builder, broker: Option<(&'static str, String)>) -> Builder {
-    let Some((flag, url)) = broker else {
-        return builder;
-    };
-    let engine = flag.trim_start_matches("--");
-    let built = [
-        ("redis", cfg!(feature = "redis")),
-        ("nats", cfg!(feature = "nats")),
-    ];
-    let enabled = built.iter().any(|&(name, on)| name == engine && on);
-    if !enabled {
-        eprintln!(
-            "fanout: {flag} needs the `{engine}` feature: cargo build --release --example \
-             fanout --features {engine}"
-        );
-        exit(2);
-    }
-    #[cfg(any(feature = "redis", feature = "nats"))]
-    {
-        use ringsock::broker::BrokerConfig;
-        let config = match engine {
-            #[cfg(feature = "redis")]
-            "redis" => BrokerConfig::redis(&url),
-            #[cfg(feature = "nats")]
-            "nats" => BrokerConfig::nats(&url),
-            _ => unreachable!("checked against the enabled features above"),
-        };
-        match config {
-            Ok(config) => builder = builder.broker(config),
-            Err(e) => {
-                eprintln!("fanout: {flag}: {e}");
-                exit(1);
-            }
-        }
-    }
-    let _ = url;
-    builder
 }
 
 fn main() {
-    let options = parse_args();
-    let broker = options.broker.as_ref().map(|(flag, _)| *flag);
-    let builder = Builder::new()
-        .addr(options.addr.as_str())
-        .shards(options.shards);
-    let server = with_broker(builder, options.broker).build(Fanout);
-    let handle = match server.start() {
-        Ok(handle) => handle,
-        Err(e) => {
-            eprintln!("fanout: cannot start: {e}");
-            exit(1);
-        }
-    };
-    println!(
-        "fanout: listening on ws://{} with {} shards{}",
-        handle.local_addr(),
-        handle.shards(),
-        broker.map_or(String::new(), |f| format!(", broker {}", &f[2..]))
-    );
-    if let Err(e) = handle.run_until_signal() {
-        eprintln!("fanout: {e}");
-        exit(1);
-    }
+    let cli: Cli = common::parse("127.0.0.1:9003");
+    common::init_logging();
+    let server = cli
+        .broker
+        .connect::<Cli>(cli.server.builder())
+        .build(Fanout);
+    let handle = common::start("fanout", server);
+    let broker = cli
+        .broker
+        .engine()
+        .map_or(String::new(), |(engine, _)| format!(", broker {engine}"));
+    common::listening("fanout", &handle, &cli.server, &broker);
+    common::serve("fanout", &handle);
 }
