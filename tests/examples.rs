@@ -21,6 +21,7 @@ const SHARED_FLAGS: [&str; 7] = [
     "RINGSOCK_SHARDS",
     "--no-buffer-ring",
     "--systemd-socket",
+    "--share-address",
     "--metrics-path",
 ];
 

@@ -41,6 +41,11 @@ pub struct ServerArgs {
     #[arg(long)]
     pub systemd_socket: bool,
 
+    /// Join the listeners of a server already on --addr (the new process of a restart that
+    /// loses nothing: start it, then SIGTERM the old one)
+    #[arg(long)]
+    pub share_address: bool,
+
     /// Answer GET PATH with the server's metrics in the Prometheus text format; an empty PATH
     /// turns this off
     #[arg(
@@ -58,6 +63,7 @@ impl ServerArgs {
         let use_buffer_ring = !self.no_buffer_ring;
         let builder = Builder::new()
             .shards(self.shards)
+            .share_address(self.share_address)
             .configure(|c| c.buffers.use_buffer_ring = use_buffer_ring);
         let builder = if self.systemd_socket {
             builder.systemd_socket()
