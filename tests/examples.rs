@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The flags of `examples/common`, in every example's usage.
-const SHARED_FLAGS: [&str; 7] = [
+const SHARED_FLAGS: [&str; 8] = [
     "--addr",
     "RINGSOCK_ADDR",
     "--shards",
