@@ -13,7 +13,7 @@ use std::io::IsTerminal;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
-use ringsock::server::{Builder, Handler, Server, ServerHandle};
+use ringsock::server::{Builder, Handler, Server, ServerHandle, TlsConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Where and how the server runs: the flags every example takes.
@@ -55,6 +55,10 @@ pub struct ServerArgs {
         value_parser = metrics_path
     )]
     pub metrics_path: String,
+
+    /// Serve wss:// with this certificate chain and private key (PEM files)
+    #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+    pub tls: Option<Vec<std::path::PathBuf>>,
 }
 
 impl ServerArgs {
@@ -70,10 +74,29 @@ impl ServerArgs {
         } else {
             builder.addr(self.addr.as_str())
         };
+        let builder = match self.tls.as_deref() {
+            Some([cert, key]) => match TlsConfig::from_pem_files(cert, key) {
+                Ok(tls) => builder.tls(tls),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1)
+                }
+            },
+            _ => builder,
+        };
         if self.metrics_path.is_empty() {
             builder
         } else {
             builder.metrics_path(&self.metrics_path)
+        }
+    }
+
+    /// `ws` or `wss`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "wss"
+        } else {
+            "ws"
         }
     }
 }
@@ -172,7 +195,8 @@ pub fn init_logging() {
 pub fn listening(name: &str, handle: &ServerHandle, args: &ServerArgs, details: &str) {
     let addr = handle.local_addr();
     let shards = handle.shards();
-    println!("{name}: listening on ws://{addr} with {shards} shards{details}");
+    let scheme = args.scheme();
+    println!("{name}: listening on {scheme}://{addr} with {shards} shards{details}");
     let metrics = (!args.metrics_path.is_empty()).then_some(args.metrics_path.as_str());
     tracing::info!(
         %addr,

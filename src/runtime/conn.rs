@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use super::app::Link;
 use super::ring::{RecvBuf, SendBuf};
 use super::sys;
+use super::tls::TlsConn;
 use crate::proto::deflate::DeflateParams;
 use crate::proto::{self, CloseCode, Connection, State};
 
@@ -126,6 +127,8 @@ pub(crate) struct Conn<S> {
     pub last_rx: u64,
     /// Handshake or closing deadline (ms since shard start).
     pub deadline: Option<u64>,
+    /// TLS, on a connection from a TLS listener.
+    pub tls: Option<Box<TlsConn>>,
 }
 
 impl<S> Conn<S> {
@@ -147,6 +150,7 @@ impl<S> Conn<S> {
             pinged_at: None,
             last_rx: now,
             deadline: Some(deadline),
+            tls: None,
         }
     }
 
@@ -167,7 +171,10 @@ impl<S> Conn<S> {
 
     /// Whether everything queued was written.
     pub fn is_flushed(&self) -> bool {
-        self.send.is_idle() && self.link.out.is_empty() && self.link.deferred.is_empty()
+        self.send.is_idle()
+            && self.link.out.is_empty()
+            && self.link.deferred.is_empty()
+            && self.tls.as_ref().map_or(true, |t| !t.has_output())
     }
 
     /// Shuts the socket down both ways so every operation in flight completes; the
@@ -257,6 +264,9 @@ impl<S> Conn<S> {
             ws.engine.shrink_buffers();
         }
         self.send.shrink(keep);
+        if let Some(tls) = self.tls.as_mut() {
+            tls.shrink(keep);
+        }
         if self.link.out.is_empty() && self.link.out.capacity() > keep {
             self.link.out = Vec::new();
         }

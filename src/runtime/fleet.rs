@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -22,7 +22,7 @@ use super::config::{ShardConfig, ShardFailure};
 use super::fault;
 use super::pubsub::Uplink;
 use super::setup::RingGate;
-use super::shard::Shard;
+use super::shard::{Listener, Shard};
 use super::signal::SignalWatch;
 use super::sys;
 
@@ -72,7 +72,8 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    /// Starts one shard per listener (`cpus[i]`: the CPU to pin shard `i` to), with the
+    /// Starts one shard per set of listeners (`listeners[i]`: shard `i`'s, one per address;
+    /// `cpus[i]`: the CPU to pin shard `i` to), with the
     /// uplink to other nodes if one is given, and returns once each has its ring up.
     ///
     /// # Errors
@@ -81,7 +82,7 @@ impl Fleet {
     pub fn start<A: App>(
         app: Arc<A>,
         config: ShardConfig,
-        listeners: Vec<OwnedFd>,
+        listeners: Vec<Vec<Listener>>,
         cpus: Vec<Option<usize>>,
         uplink: Option<Arc<dyn Uplink>>,
     ) -> io::Result<Fleet> {
@@ -89,7 +90,8 @@ impl Fleet {
         let count = listeners.len();
         let addr = listeners
             .first()
-            .and_then(|l| sys::local_addr(l.as_raw_fd()).ok());
+            .and_then(|l| l.first())
+            .and_then(|l| sys::local_addr(l.fd.as_raw_fd()).ok());
         let capacity = config.buffers.command_queue;
         let mailboxes: Vec<Arc<Mailbox>> = (0..count)
             .map(|i| Mailbox::new(i, capacity).map(Arc::new))

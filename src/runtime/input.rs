@@ -87,11 +87,57 @@ impl<A: App> Shard<A> {
 }
 
 impl<A: App> Core<A> {
-    /// Received bytes: dispatched at once, or stashed while the connection's output is over
-    /// the high-water mark (the receive is being cancelled, but completions already in the
-    /// queue still arrive). So output stays within the mark plus one receive buffer's worth
-    /// of replies, and the peer's excess waits in its own socket buffers.
+    /// Received bytes: on a TLS connection decrypted first (a TLS failure ends the
+    /// connection after the alert), then on to [`Core::on_plaintext`].
     fn on_received(&mut self, slot: u32, data: &mut [u8]) {
+        let Some(c) = self.conns.at(slot) else {
+            return;
+        };
+        let Some(tls) = c.tls.as_mut() else {
+            return self.on_plaintext(slot, data);
+        };
+        let mut plain = tls.take_plain();
+        match tls.read(data, &mut plain) {
+            Ok(outcome) => {
+                if outcome.peer_closed {
+                    // close_notify: like a FIN, after everything it follows.
+                    c.peer_eof = true;
+                    c.deadline
+                        .get_or_insert(self.now.saturating_add(self.close_ms));
+                }
+            }
+            Err(e) => {
+                // The stream cannot carry anything more (a close frame included): send the
+                // alert rustls queued, if any, and end the connection.
+                tracing::debug!(
+                    shard = self.ctx.shard,
+                    peer = %c.link.peer,
+                    error = %e,
+                    "TLS failed"
+                );
+                plain.clear();
+                c.link.out.clear();
+                c.link.open = false;
+                c.peer_eof = true;
+                c.flush_then_close();
+                c.deadline
+                    .get_or_insert(self.now.saturating_add(self.close_ms));
+            }
+        }
+        self.ctx.touch(&mut c.link);
+        if !plain.is_empty() {
+            self.on_plaintext(slot, &mut plain);
+        }
+        if let Some(tls) = self.conns.at(slot).and_then(|c| c.tls.as_mut()) {
+            tls.put_plain(plain);
+        }
+    }
+
+    /// Received plaintext: dispatched at once, or stashed while the connection's output is
+    /// over the high-water mark (the receive is being cancelled, but completions already in
+    /// the queue still arrive). So output stays within the mark plus one receive buffer's
+    /// worth of replies, and the peer's excess waits in its own socket buffers.
+    fn on_plaintext(&mut self, slot: u32, data: &mut [u8]) {
         let mark = self.ctx.limits.high_water_mark;
         let Some(c) = self.conns.at(slot) else {
             return;

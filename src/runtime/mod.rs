@@ -22,6 +22,7 @@
 //! | [`ring`] | the io_uring seam: every pointer handed to the kernel, and its owner types |
 //! | [`fault`] | `catch_unwind` around callbacks and the panic-message hook |
 //! | [`signal`] | per-server SIGINT/SIGTERM registration |
+//! | [`tls`] | rustls driven sans-IO: ciphertext in, plaintext out, output encrypted per batch |
 //! | [`sys`] | cold-path system calls |
 //! | [`config`] | limits, timeouts, buffer sizing, failure policy |
 //!
@@ -45,6 +46,7 @@ pub(crate) mod signal;
 pub(crate) mod slab;
 mod sweep;
 pub(crate) mod sys;
+pub(crate) mod tls;
 pub(crate) mod token;
 
 pub use self::app::SendStatus;

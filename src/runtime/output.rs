@@ -51,10 +51,29 @@ impl<A: App> Shard<A> {
             }
             return;
         }
-        // One send per connection per batch.
+        // One send per connection per batch; on TLS, the output encrypted as a whole first.
         if !c.send.in_flight() {
-            if c.send.remaining() == 0 && !c.link.out.is_empty() {
-                c.send.load(&mut c.link.out);
+            if c.send.remaining() == 0 {
+                match c.tls.as_mut() {
+                    None if !c.link.out.is_empty() => c.send.load(&mut c.link.out),
+                    None => {}
+                    Some(tls) => {
+                        if let Err(e) = tls.encrypt(&mut c.link.out) {
+                            tracing::debug!(
+                                shard = core.ctx.shard,
+                                peer = %c.link.peer,
+                                error = %e,
+                                "TLS failed"
+                            );
+                            c.kill();
+                            core.ctx.touch(&mut c.link);
+                            return;
+                        }
+                        if tls.has_output() {
+                            c.send.load(tls.outgoing());
+                        }
+                    }
+                }
             }
             if c.send.remaining() > 0 {
                 let token = Token::conn(Op::Send, id).raw();
@@ -68,6 +87,12 @@ impl<A: App> Shard<A> {
             c.link.in_flight = c.send.remaining();
         }
         if matches!(c.phase, Phase::Flushing) && c.is_flushed() {
+            if let Some(tls) = c.tls.as_mut().filter(|t| t.established() && !t.notified()) {
+                // Our close_notify goes out before the half-close (on the next pass).
+                tls.close_notify();
+                core.ctx.touch(&mut c.link);
+                return;
+            }
             if c.peer_eof {
                 c.kill();
                 core.ctx.touch(&mut c.link);

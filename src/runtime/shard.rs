@@ -33,6 +33,7 @@ use super::ring::{Cqe, Ring, TimerBuf, WordBuf};
 use super::setup::{self, RingGate};
 use super::slab::{ConnId, Slab};
 use super::sys;
+use super::tls::TlsConn;
 use super::token::{Op, Token};
 use crate::proto::handshake;
 use crate::proto::{self, CloseCode, OpCode};
@@ -73,7 +74,24 @@ pub(crate) struct Core<A: App> {
     pub keep_capacity: usize,
 }
 
-/// The listener's accept operation.
+/// A listening socket a shard accepts from, and whether its connections speak TLS.
+pub(crate) struct Listener {
+    /// The socket.
+    pub fd: OwnedFd,
+    /// TLS for every connection accepted here.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// One of the shard's listeners and its accept operation.
+struct Listening {
+    /// The socket; `None` once closed (shutdown, exit).
+    fd: Option<OwnedFd>,
+    /// TLS for its connections.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    accept: Acceptor,
+}
+
+/// A listener's accept operation.
 #[derive(Default)]
 struct Acceptor {
     /// The multishot accept is in flight.
@@ -94,9 +112,8 @@ pub(crate) struct Shard<A: App> {
     pub(super) ring: Ring,
     /// Connections and everything callbacks reach.
     pub(super) core: Core<A>,
-    /// The listener; `None` once closed (shutdown, exit).
-    listener: Option<OwnedFd>,
-    accept: Acceptor,
+    /// The listeners (one per address; the accept token's slot is the index).
+    listeners: Vec<Listening>,
     /// The wake-up eventfd's read buffer.
     wake: WordBuf,
     /// The sweep timer.
@@ -119,7 +136,7 @@ impl<A: App> Shard<A> {
         config: Arc<ShardConfig>,
         mailboxes: Arc<[Arc<Mailbox>]>,
         index: usize,
-        listener: OwnedFd,
+        listeners: Vec<Listener>,
         gate: &RingGate,
         uplink: Option<Arc<dyn Uplink>>,
     ) -> io::Result<Shard<A>> {
@@ -173,8 +190,14 @@ impl<A: App> Shard<A> {
         Ok(Shard {
             ring: ready.ring,
             core,
-            listener: Some(listener),
-            accept: Acceptor::default(),
+            listeners: listeners
+                .into_iter()
+                .map(|l| Listening {
+                    fd: Some(l.fd),
+                    tls: l.tls,
+                    accept: Acceptor::default(),
+                })
+                .collect(),
             wake: WordBuf::new(),
             timer: TimerBuf::new(tick),
             commands: Vec::new(),
@@ -225,7 +248,7 @@ impl<A: App> Shard<A> {
             result?;
             self.settle();
             if self.core.shutting_down {
-                if self.core.conns.len() == 0 && !self.accept.armed {
+                if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
                     return Ok(());
                 }
                 if self.core.now > self.core.shutdown_deadline.saturating_add(2000) {
@@ -241,10 +264,12 @@ impl<A: App> Shard<A> {
     }
 
     fn arm_all(&mut self) -> io::Result<()> {
-        if let Some(listener) = &self.listener {
-            let token = Token::shard(Op::Accept).raw();
-            self.ring.accept_multi(listener.as_raw_fd(), token)?;
-            self.accept.armed = true;
+        for (index, listening) in self.listeners.iter_mut().enumerate() {
+            if let Some(fd) = &listening.fd {
+                self.ring
+                    .accept_multi(fd.as_raw_fd(), accept_token(index))?;
+                listening.accept.armed = true;
+            }
         }
         self.rearm(Op::Wake)?;
         self.rearm(Op::Timer)
@@ -382,15 +407,20 @@ impl<A: App> Shard<A> {
     }
 
     fn on_accept(&mut self, cqe: &Cqe) {
+        let index = Token::from_raw(cqe.user_data()).slot() as usize;
+        let Some(listening) = self.listeners.get_mut(index) else {
+            return;
+        };
+        let accept = &mut listening.accept;
         if !cqe.more() {
-            self.accept.armed = false;
+            accept.armed = false;
         }
         let res = cqe.result();
         if res >= 0 {
             // SAFETY: a successful accept's result is a new descriptor that nothing else
             // owns; each completion is dispatched once.
             let socket = unsafe { OwnedFd::from_raw_fd(res) };
-            self.core.on_accept(socket);
+            self.core.on_accept(socket, listening.tls.as_ref());
         } else {
             let errno = -res;
             if matches!(
@@ -400,27 +430,28 @@ impl<A: App> Shard<A> {
                 self.core.ctx.metrics.refused_no_descriptors += 1;
             }
             if errno != libc::ECANCELED {
-                self.accept.errors += 1;
+                accept.errors += 1;
                 let now = self.core.now;
-                if self.accept.last_log.map_or(true, |at| now >= at + 1000) {
+                if accept.last_log.map_or(true, |at| now >= at + 1000) {
                     tracing::warn!(
                         shard = self.core.ctx.shard,
-                        errors = self.accept.errors,
+                        errors = accept.errors,
                         error = %io::Error::from_raw_os_error(errno),
                         "accept failed"
                     );
-                    self.accept.errors = 0;
-                    self.accept.last_log = Some(now);
+                    accept.errors = 0;
+                    accept.last_log = Some(now);
                 }
             }
-            if !self.accept.armed && matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOMEM) {
+            if !accept.armed && matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOMEM) {
                 // Out of descriptors: retry at the next tick instead of spinning.
-                self.accept.retry = true;
+                accept.retry = true;
                 return;
             }
         }
-        if !self.accept.armed && !self.core.shutting_down {
-            self.rearm_accept();
+        let armed = self.listeners[index].accept.armed;
+        if !armed && !self.core.shutting_down {
+            self.rearm_accept(index);
         }
     }
 
@@ -429,33 +460,41 @@ impl<A: App> Shard<A> {
     /// socket down would stop the other holders' accepts too, and leave a socket a service
     /// manager keeps for the next start unusable. Its accept in flight ends by cancellation.
     fn close_listener(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            if !self.core.config.shared_listener {
-                sys::shutdown(listener.as_raw_fd(), false);
+        for listening in &mut self.listeners {
+            if let Some(fd) = listening.fd.take() {
+                if !self.core.config.shared_listener {
+                    sys::shutdown(fd.as_raw_fd(), false);
+                }
             }
         }
     }
 
-    /// Re-arms the accept at a tick after descriptor exhaustion or a failed re-arm.
+    /// Re-arms the accepts at a tick after descriptor exhaustion or a failed re-arm.
     pub(super) fn retry_accept(&mut self) {
-        if self.accept.retry && !self.core.shutting_down {
-            self.accept.retry = false;
-            if !self.accept.armed {
-                self.rearm_accept();
+        if self.core.shutting_down {
+            return;
+        }
+        for index in 0..self.listeners.len() {
+            let accept = &mut self.listeners[index].accept;
+            if accept.retry {
+                accept.retry = false;
+                if !accept.armed {
+                    self.rearm_accept(index);
+                }
             }
         }
     }
 
-    fn rearm_accept(&mut self) {
-        let Some(listener) = &self.listener else {
+    fn rearm_accept(&mut self, index: usize) {
+        let listening = &mut self.listeners[index];
+        let Some(fd) = &listening.fd else {
             return;
         };
-        let token = Token::shard(Op::Accept).raw();
-        match self.ring.accept_multi(listener.as_raw_fd(), token) {
-            Ok(()) => self.accept.armed = true,
+        match self.ring.accept_multi(fd.as_raw_fd(), accept_token(index)) {
+            Ok(()) => listening.accept.armed = true,
             Err(e) => {
                 tracing::warn!(shard = self.core.ctx.shard, error = %e, "cannot re-arm accept");
-                self.accept.retry = true;
+                listening.accept.retry = true;
             }
         }
     }
@@ -497,9 +536,10 @@ impl<A: App> Shard<A> {
             return;
         }
         tracing::debug!(shard = self.core.ctx.shard, "shutting down");
-        if self.accept.armed {
-            let target = Token::shard(Op::Accept).raw();
-            let _ = self.ring.cancel(target, 0);
+        for (index, listening) in self.listeners.iter().enumerate() {
+            if listening.accept.armed {
+                let _ = self.ring.cancel(accept_token(index), 0);
+            }
         }
         // Out of the SO_REUSEPORT group now, though the accept in flight holds a reference.
         self.close_listener();
@@ -538,8 +578,21 @@ impl<A: App> Core<A> {
     /// the kernel moved it here from another listener of the group that closed), its client
     /// has done nothing wrong, and dropping the socket would reset it. Its upgrade is
     /// answered and closed with 1001 (`Core::going_away`).
-    fn on_accept(&mut self, socket: OwnedFd) {
+    fn on_accept(&mut self, socket: OwnedFd, tls: Option<&Arc<rustls::ServerConfig>>) {
         self.ctx.metrics.accepted += 1;
+        if tls.is_some() && self.conns.len() >= self.config.limits.max_connections_per_shard {
+            // No 503 before a TLS handshake: the connection is closed.
+            self.ctx.metrics.refused_at_limit += 1;
+            return;
+        }
+        let tls = match tls.map(|config| TlsConn::new(Arc::clone(config))) {
+            None => None,
+            Some(Ok(tls)) => Some(Box::new(tls)),
+            Some(Err(e)) => {
+                tracing::warn!(shard = self.ctx.shard, error = %e, "cannot start TLS");
+                return; // dropping the socket closes it
+            }
+        };
         let fd = socket.as_raw_fd();
         sys::set_nodelay(fd);
         let peer = sys::peer_addr(fd).unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
@@ -555,13 +608,15 @@ impl<A: App> Core<A> {
             } else {
                 Phase::Handshake(Vec::new())
             };
-            Conn::new(
+            let mut conn = Conn::new(
                 socket,
                 super::app::Link::new(id, peer),
                 phase,
                 now,
                 deadline,
-            )
+            );
+            conn.tls = tls;
+            conn
         });
         let Some(c) = self.conns.get(id) else { return };
         if reject {
@@ -728,6 +783,15 @@ impl<A: App> Core<A> {
             &mut self.ctx.metrics,
         );
     }
+}
+
+/// The `user_data` of listener `index`'s accept.
+fn accept_token(index: usize) -> u64 {
+    let id = ConnId {
+        slot: index as u32,
+        gen: 0,
+    };
+    Token::conn(Op::Accept, id).raw()
 }
 
 /// A handler callback panicked: count and log it once, stop delivering to the connection,

@@ -28,6 +28,7 @@ mod config;
 mod handler;
 pub mod metrics;
 pub mod systemd;
+mod tls;
 mod ws;
 
 use std::io;
@@ -41,10 +42,12 @@ pub use self::config::{Buffers, Config, DeflateConfig, Limits, ShardFailure, Tim
 pub use self::handler::{
     BrokerNotice, Decision, Handler, HttpResponse, Message, PendingUpgrade, Upgrade,
 };
+pub use self::tls::TlsConfig;
 pub use self::ws::{Remote, Ws};
 use crate::runtime::command::Command;
 use crate::runtime::config::ShardConfig;
 use crate::runtime::fleet::Fleet;
+use crate::runtime::shard::Listener;
 use crate::runtime::sys;
 pub use crate::runtime::SendStatus;
 pub use crate::runtime::{ByCloseCode, ByProtocolError, ByStatus, Metrics, Traffic};
@@ -58,6 +61,10 @@ pub struct Builder {
     listener: Option<Arc<OwnedFd>>,
     /// Why [`Builder::systemd_socket`] found no socket to serve on.
     listener_error: Option<String>,
+    /// TLS on the main address.
+    tls: Option<TlsConfig>,
+    /// More addresses, with TLS.
+    tls_addrs: Vec<(Result<SocketAddr, String>, TlsConfig)>,
     #[cfg(any(feature = "redis", feature = "nats"))]
     broker: Option<crate::broker::BrokerConfig>,
 }
@@ -213,6 +220,25 @@ impl Builder {
         self
     }
 
+    /// Serves `wss://` instead of `ws://` on the main address (or the given listener): every
+    /// connection starts with a TLS handshake, bounded by the handshake timeout.
+    pub fn tls(mut self, config: TlsConfig) -> Builder {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Also listens on `addr` for `wss://`, next to the main address (port 0 picks a free
+    /// port; see [`ServerHandle::tls_addr`]). Every shard accepts on both.
+    pub fn tls_addr(mut self, addr: impl ToSocketAddrs, config: TlsConfig) -> Builder {
+        let resolved = match addr.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => Ok(addr),
+            Ok(None) => Err("the TLS address resolves to nothing".to_owned()),
+            Err(e) => Err(format!("bad TLS address: {e}")),
+        };
+        self.tls_addrs.push((resolved, config));
+        self
+    }
+
     /// Serves the Prometheus text format at `path` (e.g. `/metrics`) on the server's own
     /// address (see [`Config::metrics_path`]).
     pub fn metrics_path(mut self, path: &str) -> Builder {
@@ -277,11 +303,31 @@ impl<H: Handler> Server<H> {
             config.shards
         };
         let mut service = systemd::Service::from_env()?;
-        let listeners = match &self.builder.listener {
+        let main = match &self.builder.listener {
             Some(socket) => share(socket, count)?,
-            None => bind_all(&config, count)?,
+            None => bind_all(&config, config.addr, count)?,
         };
-        let local_addr = sys::local_addr(listeners[0].as_raw_fd())?;
+        let local_addr = sys::local_addr(main[0].as_raw_fd())?;
+        let tls = self.builder.tls.as_ref().map(|t| Arc::clone(&t.rustls));
+        let mut listeners: Vec<Vec<Listener>> = main
+            .into_iter()
+            .map(|fd| {
+                let tls = tls.clone();
+                vec![Listener { fd, tls }]
+            })
+            .collect();
+        let mut tls_addr = None;
+        for (addr, tls) in &self.builder.tls_addrs {
+            let addr = addr
+                .clone()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let sockets = bind_all(&config, addr, count)?;
+            tls_addr.get_or_insert(sys::local_addr(sockets[0].as_raw_fd())?);
+            for (shard, fd) in listeners.iter_mut().zip(sockets) {
+                let tls = Some(Arc::clone(&tls.rustls));
+                shard.push(Listener { fd, tls });
+            }
+        }
         let pins = (0..count)
             .map(|i| (config.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]))
             .collect();
@@ -326,6 +372,7 @@ impl<H: Handler> Server<H> {
             inner: Arc::new(Inner {
                 fleet,
                 local_addr,
+                tls_addr,
                 service,
                 #[cfg(any(feature = "redis", feature = "nats"))]
                 cluster,
@@ -345,13 +392,12 @@ impl<H: Handler> Server<H> {
     }
 }
 
-fn bind_all(config: &Config, count: usize) -> io::Result<Vec<OwnedFd>> {
-    if config.addr.port() != 0 && !config.share_address {
-        sys::ensure_free(&config.addr).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.addr))
-        })?;
+fn bind_all(config: &Config, addr: SocketAddr, count: usize) -> io::Result<Vec<OwnedFd>> {
+    if addr.port() != 0 && !config.share_address {
+        sys::ensure_free(&addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     }
-    let first = sys::listen(&config.addr, config.backlog)?;
+    let first = sys::listen(&addr, config.backlog)?;
     // Port 0: the others bind the port the first one got.
     let addr = sys::local_addr(first.as_raw_fd())?;
     let mut sockets = vec![first];
@@ -377,6 +423,8 @@ fn share(socket: &OwnedFd, count: usize) -> io::Result<Vec<OwnedFd>> {
 struct Inner {
     fleet: Fleet,
     local_addr: SocketAddr,
+    /// The first extra TLS address ([`Builder::tls_addr`]).
+    tls_addr: Option<SocketAddr>,
     /// What the service manager is told.
     service: systemd::Service,
     /// The link to other nodes, with a broker configured.
@@ -417,6 +465,11 @@ impl ServerHandle {
     /// The address the server listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// Where the first [`Builder::tls_addr`] listener listens (with its real port).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.inner.tls_addr
     }
 
     /// The number of shards.
