@@ -5,6 +5,8 @@
 #   autobahn/run.sh            all 517 cases (12.x/13.x permessage-deflate take ~12 minutes)
 #   autobahn/run.sh --quick    1.x-10.x only (~20 s)
 #   autobahn/run.sh --update   rewrite expected.json from this run (review the diff!)
+#   autobahn/run.sh --tls      over wss:// (a self-signed certificate made with openssl);
+#                              combine with --quick for 1.x-10.x
 #
 # The client: Docker's crossbario/autobahn-testsuite when a Docker engine answers; otherwise
 # the command in $WSTEST, called as `$WSTEST --url URL --out DIR [--cases ...|--exclude ...]`
@@ -16,22 +18,39 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 quick=0
 update=0
+tls=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
     --update) update=1 ;;
-    *) echo "usage: $0 [--quick] [--update]" >&2; exit 2 ;;
+    --tls) tls=1 ;;
+    *) echo "usage: $0 [--quick] [--update] [--tls]" >&2; exit 2 ;;
   esac
 done
 
 port=${AUTOBAHN_PORT:-9301}
+scheme=ws
 reports="$here/reports"
+summary="$here/summary.txt"
+if [ "$tls" = 1 ]; then
+  port=${AUTOBAHN_TLS_PORT:-9302}
+  scheme=wss
+  reports="$here/reports-tls"
+  summary="$here/summary-tls.txt"
+fi
 rm -rf "$reports"
 mkdir -p "$reports"
 
 cd "$root"
 cargo build --release --example echo
-./target/release/examples/echo --addr "127.0.0.1:$port" >"$reports/echo.log" 2>&1 &
+server_args=(--addr "127.0.0.1:$port")
+if [ "$tls" = 1 ]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$reports/key.pem" -out "$reports/cert.pem" 2>/dev/null
+  server_args+=(--tls "$reports/cert.pem" "$reports/key.pem")
+fi
+./target/release/examples/echo "${server_args[@]}" >"$reports/echo.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
@@ -45,10 +64,10 @@ selection=()
 if docker info >/dev/null 2>&1; then
   echo "autobahn: using docker crossbario/autobahn-testsuite"
   spec="$reports/fuzzingclient.json"
-  python3 - "$here/fuzzingclient.json" "$spec" "$port" "$quick" <<'PY'
+  python3 - "$here/fuzzingclient.json" "$spec" "$port" "$quick" "$scheme" <<'PY'
 import json, sys
 spec = json.load(open(sys.argv[1]))
-spec["servers"][0]["url"] = "ws://127.0.0.1:%s" % sys.argv[3]
+spec["servers"][0]["url"] = "%s://127.0.0.1:%s" % (sys.argv[5], sys.argv[3])
 if sys.argv[4] == "1":
     spec["exclude-cases"] = ["12.*", "13.*"]
 json.dump(spec, open(sys.argv[2], "w"), indent=2)
@@ -57,7 +76,7 @@ PY
     crossbario/autobahn-testsuite wstest -m fuzzingclient -s /reports/fuzzingclient.json
 elif [ -n "${WSTEST:-}" ]; then
   echo "autobahn: using \$WSTEST=$WSTEST"
-  "$WSTEST" --url "ws://127.0.0.1:$port" --agent ringsock --out "$reports" --quiet \
+  "$WSTEST" --url "$scheme://127.0.0.1:$port" --agent ringsock --out "$reports" --quiet \
     "${selection[@]}" || true # judged below, against expected.json
 else
   echo "autobahn: no Docker engine and no \$WSTEST; set WSTEST to a wstest wrapper" \
@@ -66,7 +85,7 @@ else
 fi
 
 kill $server 2>/dev/null || true
-args=("$reports" "$here/expected.json" --summary "$here/summary.txt")
+args=("$reports" "$here/expected.json" --summary "$summary")
 [ "$quick" = 1 ] && args+=(--exclude '12.,13.')
 [ "$update" = 1 ] && args+=(--update)
 python3 "$here/compare.py" "${args[@]}"
