@@ -597,7 +597,11 @@ fn port_no_client_takes() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(32768);
-    let start = 10_000 + (std::process::id() % 5_000) as u16;
+    // Tests in this binary run in parallel: each call starts past the ports handed out
+    // before, so two tests never both find the same port free and race for it.
+    static HANDED_OUT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let offset = HANDED_OUT.fetch_add(50, std::sync::atomic::Ordering::Relaxed);
+    let start = 10_000 + (std::process::id() % 5_000) as u16 + offset;
     (start..low)
         .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
         .expect("a free port below the ephemeral range")
