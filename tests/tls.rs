@@ -614,6 +614,29 @@ fn close_frame_and_close_notify_together_are_answered_with_both() {
 }
 
 #[test]
+fn close_notify_without_a_close_frame_is_answered_with_close_notify() {
+    let (handle, probe) = start_tls(builder());
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut c = TlsClient::connect_tls(handle.local_addr(), client_config(&[version]));
+        let head = c.request("/", "");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        c.send_frame(true, 1, b"bye");
+        assert_eq!(c.read_message().2, b"bye");
+        // The client ends TLS without the WebSocket closing handshake. RFC 5246 §7.2.1: the
+        // other party MUST respond with a close_notify of its own; RFC 8446 §6.1: each party
+        // MUST send one before closing its write side.
+        c.tls.conn.send_close_notify();
+        c.tls.flush().unwrap();
+        c.read_tls_end()
+            .unwrap_or_else(|e| panic!("{version:?}: close_notify expected, got {e}"));
+        assert!(c.sees_tcp_eof());
+    }
+    wait_idle(&handle);
+    assert_eq!(probe.close_codes(), vec![Some(1006); 2]);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn failed_tls_handshakes_are_freed() {
     let (handle, _) = start_tls(builder());
     let addr = handle.local_addr();
