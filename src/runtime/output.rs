@@ -127,7 +127,13 @@ impl<A: App> Shard<A> {
         if c.peer_eof && !stashed && c.is_flushed() {
             // The peer's FIN, and everything received before it was processed and every reply
             // written (after a closing handshake, or without one: 1006): nothing is lost by
-            // ending the connection now.
+            // ending the connection now. On TLS our close_notify goes first (RFC 5246 §7.2.1:
+            // answer the peer's; RFC 8446 §6.1: before closing our write side).
+            if let Some(tls) = c.tls.as_mut().filter(|t| t.established() && !t.notified()) {
+                tls.close_notify();
+                core.ctx.touch(&mut c.link);
+                return;
+            }
             c.kill();
             core.ctx.touch(&mut c.link);
             return;
