@@ -186,21 +186,25 @@ impl TlsConn {
         if plain.is_empty() || !self.established {
             return Ok(());
         }
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-        match state? {
-            ConnectionState::WriteTraffic(mut traffic) => {
-                let reserve = plain.len() + (plain.len() / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
-                encrypt_into(&mut self.outgoing, reserve, |out| {
-                    traffic.encrypt(plain, out)
-                })?;
-                plain.clear();
+        // Records rustls queued itself (a key update) go first, then the data.
+        for _ in 0..8 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let reserve = plain.len() + (plain.len() / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
+                    encrypt_into(&mut self.outgoing, reserve, |out| {
+                        traffic.encrypt(plain, out)
+                    })?;
+                    plain.clear();
+                    return Ok(());
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.outgoing, |out| encode.encode(out))?;
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                // Not writable now (closed): the data waits, and the connection ends.
+                _ => return Ok(()),
             }
-            ConnectionState::EncodeTlsData(mut encode) => {
-                // A key update to send first; the data goes out with the next batch.
-                encode_into(&mut self.outgoing, |out| encode.encode(out))?;
-            }
-            ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-            _ => {}
         }
         Ok(())
     }
