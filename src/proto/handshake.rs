@@ -545,14 +545,18 @@ pub fn is_header_value(value: &str) -> bool {
 /// Appends an HTTP/1.1 response with any status, the given header lines, `Content-Length`,
 /// and `Connection: close` when `close`. Header names and values must satisfy
 /// [`is_header_name`] and [`is_header_value`] (checked in debug builds); `Content-Length`
-/// and `Connection` among them are the caller's mistake (they are written here).
+/// and `Connection` among them are the caller's mistake (they are written here). With
+/// `head_only` (the answer to `HEAD`) the body is left out but its length is still given;
+/// 1xx, 204 and 304 never carry a body or a length (RFC 9110 §6.4.1, §8.6).
 pub fn write_http(
     out: &mut Vec<u8>,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
     close: bool,
+    head_only: bool,
 ) {
+    let bodiless = matches!(status, 100..=199 | 204 | 304);
     debug_assert!(headers
         .iter()
         .all(|(n, v)| is_header_name(n) && is_header_value(v)));
@@ -568,13 +572,17 @@ pub fn write_http(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
     }
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    push_decimal(out, body.len());
+    if !bodiless {
+        out.extend_from_slice(b"\r\nContent-Length: ");
+        push_decimal(out, body.len());
+    }
     if close {
         out.extend_from_slice(b"\r\nConnection: close");
     }
     out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(body);
+    if !bodiless && !head_only {
+        out.extend_from_slice(body);
+    }
 }
 
 /// The `Sec-WebSocket-Accept` value for a key (RFC 6455 §4.2.2 step 5.4):

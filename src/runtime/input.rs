@@ -115,6 +115,7 @@ impl<A: App> Core<A> {
                     error = %e,
                     "TLS failed"
                 );
+                self.ctx.metrics.tls_failures += 1;
                 plain.clear();
                 c.link.out.clear();
                 c.link.open = false;
@@ -148,7 +149,7 @@ impl<A: App> Core<A> {
         }
         self.on_bytes(slot, data);
         if let Some(c) = self.conns.at(slot) {
-            if c.link.buffered() >= mark {
+            if !c.over_mark && c.link.buffered() >= mark {
                 c.over_mark = true;
                 self.ctx.metrics.backpressure_entered += 1;
             }
@@ -181,7 +182,7 @@ impl<A: App> Core<A> {
                 return;
             };
             c.stash.bytes = bytes;
-            if c.link.buffered() >= mark {
+            if !c.over_mark && c.link.buffered() >= mark {
                 c.over_mark = true;
                 self.ctx.metrics.backpressure_entered += 1;
             }
@@ -214,7 +215,7 @@ impl<A: App> Core<A> {
     /// Bytes of a request: each complete one is answered in order (plain HTTP, with
     /// keep-alive and pipelining), refused, deferred, or upgraded (then frames that came with
     /// the request go on to the engine).
-    fn on_request_bytes(&mut self, slot: u32, data: &[u8]) {
+    pub(super) fn on_request_bytes(&mut self, slot: u32, data: &[u8]) {
         let Some(c) = self.conns.at(slot) else {
             return;
         };
@@ -250,7 +251,10 @@ impl<A: App> Core<A> {
                     return;
                 }
             };
-            let end = start + head + body_len;
+            let Some(end) = (start + head).checked_add(body_len) else {
+                self.refuse(slot, HttpError::PayloadTooLarge, "bad request body");
+                return;
+            };
             if buf.len() < end {
                 // The body is not all here yet.
                 break;
@@ -287,6 +291,12 @@ impl<A: App> Core<A> {
                     .saturating_add(millis(self.config.timeouts.handshake)),
             );
             start = end;
+            if c.link.buffered() >= self.ctx.limits.high_water_mark {
+                // Pipelined requests wait until the answers drain (`settle` resumes them).
+                c.over_mark = true;
+                self.ctx.metrics.backpressure_entered += 1;
+                break;
+            }
         }
         buf.drain(..start);
         if let Some(c) = self.conns.at(slot) {
@@ -356,6 +366,12 @@ impl<A: App> Core<A> {
                 return self.refuse(slot, e, "upgrade failed");
             }
         };
+        if rest.len() > self.hs_limits.max_request_bytes {
+            // Frames before the 101 (a client should wait for it), more than a request's
+            // worth: not kept.
+            c.kill();
+            return;
+        }
         let deferred = Deferred {
             key: key.to_owned(),
             negotiated,
@@ -411,7 +427,8 @@ impl<A: App> Core<A> {
         });
         c.phase = Phase::Ws;
         c.link.open = true;
-        c.deadline = None;
+        // A FIN that came while the upgrade waited still bounds the connection.
+        c.deadline = c.peer_eof.then(|| self.now.saturating_add(self.close_ms));
         c.last_rx = self.now;
         self.ctx.touch(&mut c.link);
         self.call(slot, "on_open", |app, session| app.open(session));

@@ -230,6 +230,9 @@ pub struct Metrics {
     pub fanout_skipped: u64,
     /// Requests from other threads refused because a shard's queue was full.
     pub commands_refused: u64,
+    /// TLS connections ended by a TLS failure (a failed handshake, a bad record, an alert, a
+    /// plain-HTTP client on a TLS port).
+    pub tls_failures: u64,
 }
 
 impl Metrics {
@@ -270,6 +273,7 @@ impl Metrics {
         self.fanout_deliveries += o.fanout_deliveries;
         self.fanout_skipped += o.fanout_skipped;
         self.commands_refused += o.commands_refused;
+        self.tls_failures += o.tls_failures;
     }
 }
 

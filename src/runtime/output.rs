@@ -65,6 +65,7 @@ impl<A: App> Shard<A> {
                                 error = %e,
                                 "TLS failed"
                             );
+                            core.ctx.metrics.tls_failures += 1;
                             c.kill();
                             core.ctx.touch(&mut c.link);
                             return;
@@ -109,7 +110,12 @@ impl<A: App> Shard<A> {
         if c.over_mark && buffered < mark {
             c.over_mark = false;
             core.ctx.metrics.backpressure_drained += 1;
-            core.call(slot, "on_drain", |app, session| app.drain(session));
+            if matches!(&c.phase, Phase::Handshake(held) if !held.is_empty()) {
+                // Pipelined HTTP requests held back over the mark.
+                core.on_request_bytes(slot, &[]);
+            } else {
+                core.call(slot, "on_drain", |app, session| app.drain(session));
+            }
         } else if !c.over_mark && buffered >= mark {
             c.over_mark = true;
             core.ctx.metrics.backpressure_entered += 1;

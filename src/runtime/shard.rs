@@ -560,10 +560,15 @@ impl<A: App> Shard<A> {
                     c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms);
                     core.ctx.touch(&mut c.link);
                 }
-                // An HTTP keep-alive connection between requests: nothing is in progress, and
-                // HTTP clients retry on a connection closed while idle.
+                // An HTTP keep-alive connection between requests: idle ones are closed (HTTP
+                // clients retry on a connection closed while idle); answers still queued are
+                // written first.
                 Phase::Handshake(request) if c.kept_alive && request.is_empty() => {
-                    c.kill();
+                    if c.is_flushed() && !c.stash.is_pending() {
+                        c.kill();
+                    } else {
+                        c.flush_then_close();
+                    }
                     core.ctx.touch(&mut c.link);
                 }
                 _ => {}

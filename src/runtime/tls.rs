@@ -202,8 +202,11 @@ impl TlsConn {
                     encode_into(&mut self.outgoing, |out| encode.encode(out))?;
                 }
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                // Not writable now (closed): the data waits, and the connection ends.
-                _ => return Ok(()),
+                // Closed both ways: nothing can be sent any more.
+                _ => {
+                    plain.clear();
+                    return Ok(());
+                }
             }
         }
         Ok(())

@@ -49,7 +49,7 @@ impl<H: Handler> App for HandlerApp<H> {
             }
             Decision::Reject(response) => {
                 let mut bytes = Vec::new();
-                response.write(&mut bytes, true);
+                response.write(&mut bytes, true, false);
                 Verdict::Reject(bytes)
             }
             Decision::Defer if upgrade.deferred => Verdict::Defer,
@@ -73,7 +73,7 @@ impl<H: Handler> App for HandlerApp<H> {
         match response {
             Some(response) => {
                 let close = !keep_alive || response.close;
-                response.write(out, close);
+                response.write(out, close, req.method() == "HEAD");
                 !close
             }
             None => {

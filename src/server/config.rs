@@ -23,7 +23,7 @@ pub struct Config {
     /// Join the listeners another process already has on [`Config::addr`] instead of
     /// refusing to start (`AddrInUse`): for a restart that loses nothing, where the new
     /// process starts while the old one still serves and the kernel spreads new connections
-    /// over both until the old one stops (see `docs/restarts.md`). Both must run as the same
+    /// over both until the old one stops (see the README's "Restarts that lose nothing"). Both must run as the same
     /// user. Default off: a second server started on a taken address by mistake would
     /// otherwise silently get half of its connections.
     pub share_address: bool,

@@ -179,7 +179,7 @@ impl<S: Send + 'static> PendingUpgrade<S> {
     /// Refuses the upgrade with this response; the connection is closed after it.
     pub fn reject(mut self, response: HttpResponse) -> bool {
         let mut bytes = Vec::new();
-        response.write(&mut bytes, true);
+        response.write(&mut bytes, true, false);
         self.answer(Verdict::Reject(bytes))
     }
 
@@ -290,23 +290,40 @@ impl HttpResponse {
             .body("not found\n")
     }
 
-    /// Appends the whole response; `close` adds `Connection: close`.
-    pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
+    /// Appends the whole response; `close` adds `Connection: close`, `head_only` leaves the
+    /// body out (the answer to `HEAD`). The fields are public, so they are checked here: a
+    /// status outside 200-599 becomes 500, and a header line that could split the response
+    /// is left out, each with a warning.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool, head_only: bool) {
+        if !(200..=599).contains(&self.status) {
+            tracing::warn!(
+                status = self.status,
+                "an HTTP response status out of range: 500"
+            );
+            let error = HttpResponse::from(HttpError::InternalServerError);
+            return error.write(out, close, head_only);
+        }
         // Headers the server writes itself are not repeated.
         let own = |name: &str| {
             name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("connection")
         };
-        if self.headers.iter().any(|(name, _)| own(name)) {
-            let headers: Vec<_> = self
-                .headers
-                .iter()
-                .filter(|(name, _)| !own(name))
-                .cloned()
-                .collect();
-            handshake::write_http(out, self.status, &headers, &self.body, close);
-        } else {
-            handshake::write_http(out, self.status, &self.headers, &self.body, close);
+        let valid = |name: &str, value: &str| {
+            handshake::is_header_name(name) && handshake::is_header_value(value)
+        };
+        let (status, body) = (self.status, &self.body);
+        if self.headers.iter().all(|(n, v)| !own(n) && valid(n, v)) {
+            handshake::write_http(out, status, &self.headers, body, close, head_only);
+            return;
         }
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            if !valid(name, value) {
+                tracing::warn!(header = ?name, "an invalid HTTP response header left out");
+            } else if !own(name) {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
+        handshake::write_http(out, status, &headers, body, close, head_only);
     }
 }
 

@@ -210,6 +210,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "tls_failures",
+            "TLS connections ended by a TLS failure.",
+            m.tls_failures,
+        )?;
+        counter(
+            e,
             "commands_refused",
             "Requests from other threads refused on a full queue.",
             m.commands_refused,
