@@ -79,6 +79,8 @@ options:
                      the TLS peer tokio-tungstenite-tls; bench trusts --cert FILE (default
                      <out>/tls/cert.pem, made if missing)
   --cert FILE        bench --tls: the server's certificate (PEM), the only one trusted
+  --tls-record N     --tls: the generator's largest record, header included (default rustls'
+                     16 KiB + 5)
 ";
 
 fn main() -> ExitCode {
@@ -272,6 +274,17 @@ impl Args {
         Ok(cases)
     }
 
+    /// The client configuration with `--tls-record`'s limit, if given.
+    fn record_limit(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        match self.num("tls-record", 0)? {
+            0 => Ok(Arc::clone(config)),
+            n => tls::with_max_record(config, n as usize),
+        }
+    }
+
     fn out_dir(&self) -> PathBuf {
         match self.get("out") {
             Some(d) => PathBuf::from(d),
@@ -372,8 +385,12 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
         true => Some(tls::TlsFiles::generate(&args.out_dir().join("tls"))?),
         false => None,
     };
+    let client = match &tls {
+        Some(t) => Some(args.record_limit(&t.client)?),
+        None => None,
+    };
     for case in &mut cases {
-        case.tls = tls.as_ref().map(|t| Arc::clone(&t.client));
+        case.tls = client.clone();
     }
     let mut suite_noted = false;
     let mut documents = Vec::new();
@@ -468,7 +485,7 @@ fn bench_cmd(args: &Args) -> Result<(), String> {
         None => None,
     };
     let tls = match args.tls {
-        true => Some(bench_tls(args)?),
+        true => Some(args.record_limit(&bench_tls(args)?)?),
         false => None,
     };
     let mut documents = Vec::new();

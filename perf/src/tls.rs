@@ -100,6 +100,25 @@ fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// `config` with records of at most `bytes` on the wire before the AEAD tag (rustls'
+/// `max_fragment_size`, which counts the 5-byte header), e.g. to keep each record inside one
+/// of a server's receive buffers.
+///
+/// # Errors
+///
+/// `bytes` is out of rustls' range (32 to 16 KiB + 5).
+pub fn with_max_record(
+    config: &Arc<ClientConfig>,
+    bytes: usize,
+) -> Result<Arc<ClientConfig>, String> {
+    if !(32..=(16 << 10) + 5).contains(&bytes) {
+        return Err(format!("--tls-record {bytes}: not in 32..=16389"));
+    }
+    let mut config = (**config).clone();
+    config.max_fragment_size = Some(bytes);
+    Ok(Arc::new(config))
+}
+
 /// rustls' `ring` provider, the one ringsock's server uses.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
