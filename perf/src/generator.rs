@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::sys;
 use crate::wire::{self, Pending, Pool, Reader, Rng};
+use crate::{sys, tls};
 
 /// What the generator does once its connections are open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,8 @@ pub struct Params {
     pub threads: usize,
     /// Cores the generator threads are pinned to, in turn (empty: where they start).
     pub gen_cores: Vec<usize>,
+    /// wss://: every connection speaks TLS with this client configuration.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Where the threads of one multi-threaded run wait for each other; a thread that fails opens
@@ -187,6 +189,8 @@ pub struct Outcome {
     pub memory_active: Option<sys::Memory>,
     /// Time taken to open and handshake all connections.
     pub connect_seconds: f64,
+    /// The TLS version and cipher suite negotiated (wss:// runs).
+    pub tls_suite: Option<String>,
 }
 
 /// Queue entry standing for the close frame rather than a pool variant.
@@ -210,6 +214,9 @@ struct Conn {
     out: VecDeque<(usize, usize)>,
     next_variant: usize,
     dirty: bool,
+    /// wss://: the TLS layer between the frames and the socket (boxed: the plain path keeps a
+    /// small `Conn`).
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 /// Runs one scenario against the server at `p.addr`.
@@ -225,6 +232,12 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 * 1024];
+    // Decrypted bytes on their way to the reader (wss:// only).
+    let mut plain = if p.tls.is_some() {
+        vec![0u8; 64 * 1024]
+    } else {
+        Vec::new()
+    };
     let mut conns: Vec<Conn> = Vec::with_capacity(p.conns);
     let mut dirty: Vec<usize> = Vec::with_capacity(p.conns);
     let host = p.addr.to_string();
@@ -242,14 +255,16 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     while open < p.conns {
         while conns.len() < p.conns && conns.len() - open < p.open_window {
             let token = Token(conns.len());
-            conns.push(connect(p.addr, &host, &mut rng, &poll, token)?);
+            conns.push(connect(p, &host, &mut rng, &poll, token)?);
         }
         wait(&mut poll, &mut events, 10)?;
         for ev in events.iter() {
             let i = ev.token().0;
             let conn = &mut conns[i];
             if conn.handshake.is_some() {
-                if read_handshake(conn, &mut rbuf)? {
+                if read_handshake(conn, &mut rbuf, &mut plain)
+                    .map_err(|e| format!("connection {i}: {e}"))?
+                {
                     open += 1;
                 }
             } else if ev.is_readable() {
@@ -273,6 +288,12 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         }
     }
     let connect_seconds = start.elapsed().as_secs_f64();
+    let tls_suite = conns.first().and_then(|c| {
+        let tls = c.tls.as_deref()?;
+        let version = tls.protocol_version()?;
+        let suite = tls.negotiated_cipher_suite()?;
+        Some(format!("{version:?} {:?}", suite.suite()))
+    });
 
     let mut memory = None;
     if let (Some(before), Some(pid)) = (memory_before, p.server_pid) {
@@ -367,16 +388,31 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
                         ));
                     }
                     let counting = measuring && stopped_at.is_none();
-                    conn.reader
-                        .feed(&rbuf[..n], &pool, &mut conn.pending, |done| {
-                            completed += 1;
-                            if counting {
-                                measured += 1;
-                                let ns = now.saturating_duration_since(done.sent).as_nanos();
-                                latency.saturating_record(ns.max(1) as u64);
-                            }
-                        })
-                        .map_err(|e| format!("connection {i}: {e}"))?;
+                    let mut on_echo = |done: Pending| {
+                        completed += 1;
+                        if counting {
+                            measured += 1;
+                            let ns = now.saturating_duration_since(done.sent).as_nanos();
+                            latency.saturating_record(ns.max(1) as u64);
+                        }
+                    };
+                    let (reader, pending) = (&mut conn.reader, &mut conn.pending);
+                    let closed = match conn.tls.as_deref_mut() {
+                        None => reader
+                            .feed(&rbuf[..n], &pool, pending, &mut on_echo)
+                            .map(|()| false),
+                        Some(tls) => tls::decrypt(tls, &rbuf[..n], &mut plain, |bytes| {
+                            reader.feed(bytes, &pool, pending, &mut on_echo)
+                        }),
+                    }
+                    .map_err(|e| format!("connection {i}: {e}"))?;
+                    if closed {
+                        return Err(format!(
+                            "connection {i}: server sent close_notify with {} echoes \
+                             outstanding",
+                            conn.pending.len()
+                        ));
+                    }
                     // A short read drained the socket; edge-triggered epoll reports new data.
                     if n < rbuf.len() {
                         break;
@@ -474,6 +510,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         memory,
         memory_active,
         connect_seconds,
+        tls_suite,
     })
 }
 
@@ -541,15 +578,25 @@ pub fn run_threads(p: &Params) -> Result<Outcome, String> {
     Ok(first)
 }
 
-/// Opens one connection: TCP_NODELAY, the upgrade request written, then non-blocking in mio.
+/// Opens one connection: TCP_NODELAY, the upgrade request written (over TLS: queued behind the
+/// ClientHello), then non-blocking in mio.
 fn connect(
-    addr: SocketAddr,
+    p: &Params,
     host: &str,
     rng: &mut Rng,
     poll: &Poll,
     token: Token,
 ) -> Result<Conn, String> {
-    let (sock, key) = open_socket(addr, host, "/", rng, poll, token, Interest::WRITABLE)?;
+    let (sock, key, tls) = match &p.tls {
+        None => {
+            let (sock, key) = open_socket(p.addr, host, "/", rng, poll, token, Interest::WRITABLE)?;
+            (sock, key, None)
+        }
+        Some(config) => {
+            let (sock, key, tls) = open_tls_socket(p.addr, host, config, rng, poll, token)?;
+            (sock, key, Some(Box::new(tls)))
+        }
+    };
     Ok(Conn {
         sock,
         key,
@@ -559,7 +606,38 @@ fn connect(
         out: VecDeque::new(),
         next_variant: 0,
         dirty: false,
+        tls,
     })
+}
+
+/// [`open_socket`] over TLS: the ClientHello is written, the upgrade request waits in rustls
+/// until the handshake is done. Registered for reading and writing (the handshake's later
+/// flights may find the socket full).
+fn open_tls_socket(
+    addr: SocketAddr,
+    host: &str,
+    config: &Arc<rustls::ClientConfig>,
+    rng: &mut Rng,
+    poll: &Poll,
+    token: Token,
+) -> Result<(mio::net::TcpStream, String, rustls::ClientConnection), String> {
+    let std_sock = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("connect to {addr} (connection {}): {e}", token.0))?;
+    std_sock.set_nodelay(true).map_err(|e| e.to_string())?;
+    let key = wire::new_key(rng);
+    let mut tls = tls::client(config, addr)?;
+    tls.writer()
+        .write_all(&wire::request(host, "/", &key))
+        .map_err(|e| format!("TLS: {e}"))?;
+    // The ClientHello always fits in a fresh socket's send buffer.
+    tls::write_ciphertext(&mut tls, std_sock.as_raw_fd())
+        .map_err(|e| format!("ClientHello write: {e}"))?;
+    std_sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut sock = mio::net::TcpStream::from_std(std_sock);
+    poll.registry()
+        .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
+    Ok((sock, key, tls))
 }
 
 /// Connects to `addr`, sets TCP_NODELAY, writes the upgrade request for `path`, and registers
@@ -590,17 +668,57 @@ pub fn open_socket(
     Ok((sock, key))
 }
 
-/// Reads handshake response bytes; returns `true` once the response is complete and valid.
-fn read_handshake(conn: &mut Conn, rbuf: &mut [u8]) -> Result<bool, String> {
+/// Reads handshake response bytes (over TLS: drives the TLS handshake and decrypts them);
+/// returns `true` once the response is complete and valid.
+fn read_handshake(conn: &mut Conn, rbuf: &mut [u8], plain: &mut [u8]) -> Result<bool, String> {
     let fd = conn.sock.as_raw_fd();
     let Some(buf) = conn.handshake.as_mut() else {
         return Ok(true);
     };
-    let done = handshake_step(fd, buf, &conn.key, rbuf)?;
+    let done = match conn.tls.as_deref_mut() {
+        None => handshake_step(fd, buf, &conn.key, rbuf)?,
+        Some(tls) => tls_handshake_step(fd, tls, buf, &conn.key, rbuf, plain)?,
+    };
     if done {
         conn.handshake = None;
     }
     Ok(done)
+}
+
+/// [`handshake_step`] over TLS: writes what rustls has for the server (its handshake flights,
+/// then the upgrade request), reads and decrypts what the server sent.
+fn tls_handshake_step(
+    fd: i32,
+    tls: &mut rustls::ClientConnection,
+    buf: &mut Vec<u8>,
+    key: &str,
+    rbuf: &mut [u8],
+    plain: &mut [u8],
+) -> Result<bool, String> {
+    let write = |tls: &mut rustls::ClientConnection| {
+        tls::write_ciphertext(tls, fd).map_err(|e| format!("TLS handshake write: {e}"))
+    };
+    write(tls)?;
+    while let Some(n) = read_fd(fd, rbuf).map_err(|e| format!("handshake read: {e}"))? {
+        if n == 0 {
+            return Err("server closed the connection during the handshake".into());
+        }
+        let closed = tls::decrypt(tls, &rbuf[..n], plain, |bytes| {
+            buf.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        write(tls)?;
+        if closed {
+            return Err("server sent close_notify during the handshake".into());
+        }
+        if let Some(used) = wire::check_response(buf, key)? {
+            if used != buf.len() {
+                return Err("server sent frames before any message".into());
+            }
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Reads what the socket `fd` has of the handshake response into `buf`; returns `true` once
@@ -633,9 +751,13 @@ pub fn handshake_step(
 
 /// Writes as much of the connection's queue as the socket takes: one `writev` over up to
 /// [`MAX_IOV`] queued messages, or with `chop > 0`, repeated writes of at most `chop` bytes.
+/// Over TLS the same messages go to [`tls::flush`] (several to a record; `chop` does not apply).
 fn flush(conn: &mut Conn, pool: &Pool, close: &[u8], chop: usize) -> io::Result<()> {
     let fd = conn.sock.as_raw_fd();
     let wire_of = |v: usize| if v == CLOSE { close } else { pool.wire(v) };
+    if let Some(tls) = conn.tls.as_deref_mut() {
+        return flush_tls(tls, fd, &mut conn.out, wire_of);
+    }
     while !conn.out.is_empty() {
         let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -669,26 +791,60 @@ fn flush(conn: &mut Conn, pool: &Pool, close: &[u8], chop: usize) -> io::Result<
                 _ => return Err(err),
             }
         }
-        let mut left = rc as usize;
-        while left > 0 {
-            let Some(front) = conn.out.front_mut() else {
-                break;
-            };
-            let rest = wire_of(front.0).len() - front.1;
-            if left >= rest {
-                left -= rest;
-                conn.out.pop_front();
-            } else {
-                front.1 += left;
-                left = 0;
-            }
-        }
+        advance(&mut conn.out, rc as usize, wire_of);
         if (rc as usize) < total {
             // The socket buffer is full; the next writable edge resumes.
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// [`flush`] over TLS: up to [`MAX_IOV`] queued messages at a time to [`tls::flush`], until
+/// the queue is empty or the socket full.
+fn flush_tls<'a>(
+    tls: &mut rustls::ClientConnection,
+    fd: i32,
+    out: &mut VecDeque<(usize, usize)>,
+    wire_of: impl Fn(usize) -> &'a [u8] + Copy,
+) -> io::Result<()> {
+    loop {
+        let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        let mut total = 0;
+        for &(v, off) in out.iter().take(MAX_IOV) {
+            iov[count] = io::IoSlice::new(&wire_of(v)[off..]);
+            total += iov[count].len();
+            count += 1;
+        }
+        let taken = tls::flush(tls, fd, &iov[..count])?;
+        advance(out, taken, wire_of);
+        if taken < total || out.is_empty() {
+            // Done, or the socket is full: its writable edge resumes.
+            return Ok(());
+        }
+    }
+}
+
+/// Drops `n` written bytes from the front of the queue.
+fn advance<'a>(
+    out: &mut VecDeque<(usize, usize)>,
+    mut n: usize,
+    wire_of: impl Fn(usize) -> &'a [u8],
+) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else {
+            break;
+        };
+        let rest = wire_of(front.0).len() - front.1;
+        if n >= rest {
+            n -= rest;
+            out.pop_front();
+        } else {
+            front.1 += n;
+            n = 0;
+        }
+    }
 }
 
 /// One `read`; `Ok(None)` when the socket has no data (EAGAIN).
@@ -771,7 +927,6 @@ pub fn si(v: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read as _;
     use std::net::TcpListener;
 
     use super::*;
@@ -791,8 +946,26 @@ mod tests {
         addr
     }
 
+    /// [`raw_echo`] over TLS: each accepted socket in rustls' blocking `StreamOwned`.
+    fn raw_echo_tls(
+        config: Arc<rustls::ServerConfig>,
+        corrupt: Option<(usize, usize)>,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for sock in listener.incoming() {
+                let Ok(sock) = sock else { return };
+                let conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+                let stream = rustls::StreamOwned::new(conn, sock);
+                std::thread::spawn(move || echo_one(stream, corrupt));
+            }
+        });
+        addr
+    }
+
     /// The echo side of [`raw_echo`] for one accepted connection.
-    fn echo_one(mut sock: std::net::TcpStream, corrupt: Option<(usize, usize)>) {
+    fn echo_one(mut sock: impl io::Read + io::Write, corrupt: Option<(usize, usize)>) {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let key = loop {
@@ -895,6 +1068,7 @@ mod tests {
             quiet: false,
             threads: 1,
             gen_cores: Vec::new(),
+            tls: None,
         }
     }
 
@@ -936,6 +1110,31 @@ mod tests {
         p.duration = Duration::from_secs(5);
         let err = run_threads(&p).unwrap_err();
         assert!(err.contains("mismatch at byte 10"), "{err}");
+    }
+
+    #[test]
+    fn run_completes_over_tls_and_fails_when_one_decrypted_byte_differs() {
+        let dir = std::env::temp_dir().join(format!("ringsock-perf-tls-{}", std::process::id()));
+        let files = tls::TlsFiles::generate(&dir).unwrap();
+        let server = tls::server_config(&files.cert, &files.key).unwrap();
+        let over_tls = |addr, size, fragment, messages| {
+            let mut p = params(addr, size, fragment, messages);
+            p.tls = Some(Arc::clone(&files.client));
+            p
+        };
+        let addr = raw_echo_tls(Arc::clone(&server), None);
+        assert_eq!(run(&over_tls(addr, 300, 0, 50)).unwrap().messages, 50);
+        // Messages of several records each, in fragments: records cut by reads on both sides.
+        let outcome = run(&over_tls(addr, 100_000, 3000, 12)).unwrap();
+        assert_eq!(outcome.messages, 12);
+        assert_eq!(
+            outcome.tls_suite.as_deref(),
+            Some("TLSv1_3 TLS13_AES_256_GCM_SHA384")
+        );
+        let addr = raw_echo_tls(server, Some((5, 70_000)));
+        let err = run(&over_tls(addr, 100_000, 0, 12)).unwrap_err();
+        assert!(err.contains("mismatch at byte 70000"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

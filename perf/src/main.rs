@@ -19,6 +19,7 @@ mod generator;
 mod report;
 mod servers;
 mod sys;
+mod tls;
 mod wire;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
@@ -72,6 +74,13 @@ options:
   --out DIR          where JSON and SVG go (default perf/results)
   --json             print JSON on stdout (the table goes to stderr)
   --spin             busy-poll in the generator instead of sleeping in epoll_wait
+  --tls              wss:// (rtt, throughput, big, connections): compare makes a self-signed
+                     certificate in <out>/tls/, starts ringsock's echo with --tls CERT KEY and
+                     the TLS peer tokio-tungstenite-tls; bench trusts --cert FILE (default
+                     <out>/tls/cert.pem, made if missing)
+  --cert FILE        bench --tls: the server's certificate (PEM), the only one trusted
+  --tls-record N     --tls: the generator's largest record, header included (default rustls'
+                     16 KiB + 5)
 ";
 
 fn main() -> ExitCode {
@@ -109,6 +118,7 @@ struct Args {
     values: HashMap<String, String>,
     json: bool,
     spin: bool,
+    tls: bool,
 }
 
 impl Args {
@@ -116,6 +126,7 @@ impl Args {
         let mut values = HashMap::new();
         let mut json = false;
         let mut spin = false;
+        let mut tls = false;
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
             let Some(key) = arg.strip_prefix("--") else {
@@ -129,16 +140,28 @@ impl Args {
                 spin = true;
                 continue;
             }
+            if key == "tls" {
+                tls = true;
+                continue;
+            }
             let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
             values.insert(key.to_string(), value.clone());
         }
-        Ok(Args { values, json, spin })
+        Ok(Args {
+            values,
+            json,
+            spin,
+            tls,
+        })
     }
 
     /// The scenario if it is a fan-out one (`broadcast`, `crossnode`).
     fn fanout(&self) -> Result<Option<Scenario>, String> {
         let name = self.get("scenario").unwrap_or("throughput");
         let scenario = Scenario::parse(name).ok_or_else(|| format!("unknown scenario {name:?}"))?;
+        if self.tls && scenario.is_fanout() {
+            return Err(format!("--tls: {name} runs ws:// only"));
+        }
         Ok(scenario.is_fanout().then_some(scenario))
     }
 
@@ -189,6 +212,9 @@ impl Args {
                 ))
             }
         };
+        if self.tls && scenario == Scenario::Chop {
+            return Err("--tls: chop writes plaintext in chops, which TLS records hide".into());
+        }
         let conns = self.num("conns", conns)? as usize;
         let inflight = self.num("inflight", inflight)? as usize;
         if conns == 0 || inflight == 0 {
@@ -240,11 +266,23 @@ impl Args {
                             .iter()
                             .map(|&c| c as usize)
                             .collect(),
+                        tls: None,
                     });
                 }
             }
         }
         Ok(cases)
+    }
+
+    /// The client configuration with `--tls-record`'s limit, if given.
+    fn record_limit(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        match self.num("tls-record", 0)? {
+            0 => Ok(Arc::clone(config)),
+            n => tls::with_max_record(config, n as usize),
+        }
     }
 
     fn out_dir(&self) -> PathBuf {
@@ -261,9 +299,12 @@ impl Args {
             .get("ringsock-bin")
             .map(PathBuf::from)
             .unwrap_or(default_bin);
-        let names = self
-            .get("servers")
-            .unwrap_or("ringsock,tokio-websockets,fastwebsockets,tokio-tungstenite");
+        let all = if self.tls {
+            "ringsock,tokio-tungstenite-tls"
+        } else {
+            "ringsock,tokio-websockets,fastwebsockets,tokio-tungstenite"
+        };
+        let names = self.get("servers").unwrap_or(all);
         let mut kinds = Vec::new();
         for name in names.split(',') {
             if name == "ringsock" {
@@ -280,6 +321,12 @@ impl Args {
                 let peer = Peer::parse(name).ok_or_else(|| format!("unknown server {name:?}"))?;
                 if peer.is_fanout() {
                     return Err(format!("{name} serves the broadcast scenario, not echo"));
+                }
+                if peer.is_tls() != self.tls {
+                    return Err(match self.tls {
+                        true => format!("{name} serves ws://, not wss:// (--tls)"),
+                        false => format!("{name} serves wss:// only (add --tls)"),
+                    });
                 }
                 kinds.push(Kind::Peer(peer));
             }
@@ -332,7 +379,20 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
     let kinds = args.servers()?;
     let reps = args.num("reps", 3)?.max(1) as usize;
     let core = args.num("server-core", 0)? as usize;
-    let cases = args.cases(servers::free_addr()?)?;
+    let mut cases = args.cases(servers::free_addr()?)?;
+    // One certificate for the whole run: every server reads the same files.
+    let tls = match args.tls {
+        true => Some(tls::TlsFiles::generate(&args.out_dir().join("tls"))?),
+        false => None,
+    };
+    let client = match &tls {
+        Some(t) => Some(args.record_limit(&t.client)?),
+        None => None,
+    };
+    for case in &mut cases {
+        case.tls = client.clone();
+    }
+    let mut suite_noted = false;
     let mut documents = Vec::new();
     let mut failures = 0;
     for case in &cases {
@@ -357,8 +417,13 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
                 p.label = format!("{} rep {}/{reps}", kind.name(), rep + 1);
                 // A failing server is reported and dropped from the case; the others still run,
                 // and the whole command exits non-zero at the end.
-                match run_one(kind, core, &mut p) {
+                match run_one(kind, core, &mut p, tls.as_ref()) {
                     Ok(outcome) => {
+                        if let Some(suite) = outcome.tls_suite.as_ref().filter(|_| !suite_noted) {
+                            generator::progress_done();
+                            eprintln!("note: TLS {suite}");
+                            suite_noted = true;
+                        }
                         result.samples.push(Sample::from_outcome(&p, &outcome));
                         let _ = result.merged.add(&outcome.latency);
                     }
@@ -386,10 +451,18 @@ fn compare_cmd(args: &Args) -> Result<(), String> {
     }
 }
 
-/// Starts `kind` pinned to `core`, runs the case `p` against it, and stops it.
-fn run_one(kind: &Kind, core: usize, p: &mut Params) -> Result<generator::Outcome, String> {
+/// Starts `kind` pinned to `core` (serving wss:// with `tls`'s files if given), runs the case
+/// `p` against it, and stops it.
+fn run_one(
+    kind: &Kind,
+    core: usize,
+    p: &mut Params,
+    tls: Option<&tls::TlsFiles>,
+) -> Result<generator::Outcome, String> {
     let addr = servers::free_addr()?;
-    let server = ServerProc::start(kind, addr, Some(core), &[], Duration::from_secs(10))?;
+    let extra = tls.map_or(Vec::new(), |t| t.args(matches!(kind, Kind::Ringsock(_))));
+    let ready = Duration::from_secs(10);
+    let server = ServerProc::start_with(kind, addr, Some(core), &[], &extra, None, ready)?;
     p.addr = addr;
     p.server_pid = Some(server.pid());
     let outcome = generator::run_threads(p);
@@ -411,9 +484,14 @@ fn bench_cmd(args: &Args) -> Result<(), String> {
         Some(v) => Some(v.parse::<u32>().map_err(|e| format!("--pid: {e}"))?),
         None => None,
     };
+    let tls = match args.tls {
+        true => Some(args.record_limit(&bench_tls(args)?)?),
+        false => None,
+    };
     let mut documents = Vec::new();
     for mut p in args.cases(addr)? {
         p.server_pid = pid;
+        p.tls = tls.clone();
         p.label = "server".into();
         let outcome = generator::run_threads(&p)?;
         let mut merged = Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds");
@@ -433,6 +511,26 @@ fn bench_cmd(args: &Args) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// `bench --tls`: a client configuration trusting `--cert FILE`, or `<out>/tls/cert.pem`; when
+/// neither exists, makes that certificate (with its key) and asks for the server to be
+/// started with it.
+fn bench_tls(args: &Args) -> Result<Arc<rustls::ClientConfig>, String> {
+    let dir = args.out_dir().join("tls");
+    let cert = match args.get("cert") {
+        Some(c) => PathBuf::from(c),
+        None => dir.join("cert.pem"),
+    };
+    if args.get("cert").is_none() && !cert.exists() {
+        let made = tls::TlsFiles::generate(&dir)?;
+        return Err(format!(
+            "made a certificate: start the server with --tls {} {} and run bench again",
+            made.cert.display(),
+            made.key.display()
+        ));
+    }
+    tls::trusting(&cert)
 }
 
 /// Prints the table (stdout, or stderr under `--json`) and writes the case's JSON and SVG.
@@ -497,6 +595,9 @@ pub(crate) fn write_case(
 /// Instructions per echoed message: each server runs under cachegrind twice, for N and 2N
 /// echoes; the difference over N cancels start-up, handshake and shutdown.
 fn instr_cmd(args: &Args) -> Result<(), String> {
+    if args.tls {
+        return Err("instr runs ws:// only; --tls is for compare and bench".into());
+    }
     prepare(args)?;
     let kinds = args.servers()?;
     let n = args.num("messages", 20_000)?.max(1);
@@ -593,7 +694,11 @@ fn serve_cmd(argv: &[String]) -> Result<(), String> {
         .ok_or("serve needs --addr")?
         .parse()
         .map_err(|e| format!("--addr: {e}"))?;
-    servers::serve(peer, addr)
+    let tls = match (args.get("cert"), args.get("key")) {
+        (Some(cert), Some(key)) => Some(tls::server_config(Path::new(cert), Path::new(key))?),
+        _ => None,
+    };
+    servers::serve(peer, addr, tls)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
@@ -43,15 +44,18 @@ pub enum Peer {
     /// tokio-tungstenite 0.30 as a publish/subscribe server on `tokio::sync::broadcast`
     /// (fan-out scenarios).
     TokioTungsteniteFanout,
+    /// tokio-tungstenite 0.30 on tokio-rustls 0.26 (`ring` provider): the wss:// peer.
+    TokioTungsteniteTls,
 }
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 4] = [
+    pub const ALL: [Peer; 5] = [
         Peer::TokioWebsockets,
         Peer::Fastwebsockets,
         Peer::TokioTungstenite,
         Peer::TokioTungsteniteFanout,
+        Peer::TokioTungsteniteTls,
     ];
 
     /// The name used on the command line and in tables.
@@ -61,12 +65,18 @@ impl Peer {
             Peer::Fastwebsockets => "fastwebsockets",
             Peer::TokioTungstenite => "tokio-tungstenite",
             Peer::TokioTungsteniteFanout => "tokio-tungstenite-fanout",
+            Peer::TokioTungsteniteTls => "tokio-tungstenite-tls",
         }
     }
 
     /// Whether this peer serves the fan-out scenarios (publish/subscribe), not echo.
     pub fn is_fanout(self) -> bool {
         self == Peer::TokioTungsteniteFanout
+    }
+
+    /// Whether this peer serves wss:// (and needs `--cert` and `--key`).
+    pub fn is_tls(self) -> bool {
+        self == Peer::TokioTungsteniteTls
     }
 
     /// Parses a peer name.
@@ -274,18 +284,27 @@ pub fn free_addr() -> Result<SocketAddr, String> {
     l.local_addr().map_err(|e| e.to_string())
 }
 
-/// Entry point of `serve PEER --addr ADDR`: runs that peer's echo server until killed.
+/// Entry point of `serve PEER --addr ADDR [--cert CERT --key KEY]`: runs that peer's echo
+/// server until killed; the TLS peer serves wss:// with `tls`.
 ///
 /// # Errors
 ///
 /// The address cannot be bound.
-pub fn serve(peer: Peer, addr: SocketAddr) -> Result<(), String> {
+pub fn serve(
+    peer: Peer,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .map_err(|e| e.to_string())?;
     if peer.is_fanout() {
         return rt.block_on(fanout::serve(addr));
+    }
+    if peer.is_tls() {
+        let tls = tls.ok_or("tokio-tungstenite-tls needs --cert and --key")?;
+        return rt.block_on(serve_tls(addr, tokio_rustls::TlsAcceptor::from(tls)));
     }
     rt.block_on(async move {
         let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
@@ -300,11 +319,43 @@ pub fn serve(peer: Peer, addr: SocketAddr) -> Result<(), String> {
                     Peer::TokioWebsockets => tokio_websockets_conn(stream).await,
                     Peer::Fastwebsockets => fastwebsockets_conn(stream).await,
                     Peer::TokioTungstenite => tokio_tungstenite_conn(stream).await,
-                    Peer::TokioTungsteniteFanout => unreachable!("served by fanout::serve"),
+                    Peer::TokioTungsteniteFanout | Peer::TokioTungsteniteTls => {
+                        unreachable!("served by fanout::serve and serve_tls")
+                    }
                 }
             }));
         }
     })
+}
+
+/// The wss:// peer: tokio-tungstenite on a tokio-rustls stream, as tokio-tungstenite's own
+/// TLS setup does it (accept TLS, then the WebSocket handshake on the TLS stream), with the
+/// plain peer's batched echo. rustls' default buffers and record sizes.
+async fn serve_tls(addr: SocketAddr, acceptor: tokio_rustls::TlsAcceptor) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(tokio::task::unconstrained(async move {
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(MAX_MESSAGE))
+                .max_frame_size(Some(MAX_MESSAGE));
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            else {
+                return;
+            };
+            echo_batched(ws, |m: &tokio_tungstenite::tungstenite::Message| {
+                m.is_binary() || m.is_text()
+            })
+            .await;
+        }));
+    }
 }
 
 /// tokio-websockets: `ServerBuilder::accept`, whole-message frames out, batched echo.
