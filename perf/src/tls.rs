@@ -42,7 +42,7 @@ impl TlsFiles {
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
         std::fs::write(&cert, made.cert.pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
-        std::fs::write(&key, made.key_pair.serialize_pem())
+        std::fs::write(&key, made.signing_key.serialize_pem())
             .map_err(|e| format!("{}: {e}", key.display()))?;
         let mut roots = RootCertStore::empty();
         roots
