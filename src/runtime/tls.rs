@@ -75,25 +75,63 @@ impl TlsConn {
         data: &mut [u8],
         plain: &mut Vec<u8>,
     ) -> Result<ReadOutcome, rustls::Error> {
-        if self.incoming.is_empty() {
-            // The common case: records arrive whole and are processed where they are.
-            let used = self.process(data, plain);
-            let outcome = self.finish_processing(&used);
-            if let Ok((consumed, _)) = used {
-                self.incoming.extend_from_slice(&data[consumed..]);
+        let mut outcome = ReadOutcome::default();
+        let mut data = data;
+        if !self.incoming.is_empty() {
+            if !self.established {
+                // Handshake messages may span records, and rustls joins them in the buffer:
+                // everything goes behind what is held.
+                return self.read_held(data, plain);
             }
-            outcome
-        } else {
-            self.incoming.extend_from_slice(data);
-            let mut incoming = std::mem::take(&mut self.incoming);
-            let used = self.process(&mut incoming, plain);
-            let outcome = self.finish_processing(&used);
-            if let Ok((consumed, _)) = used {
-                incoming.drain(..consumed);
+            // Complete the record held back with just as much of `data` as it lacks; the
+            // rest is processed where it arrived. (A receive ends inside a record whenever a
+            // peer writes full 16 KiB records: they are larger than a receive buffer.)
+            loop {
+                let missing = record_missing(&self.incoming);
+                if missing == 0 || data.is_empty() {
+                    break;
+                }
+                let take = missing.min(data.len());
+                self.incoming.extend_from_slice(&data[..take]);
+                data = &mut data[take..];
             }
-            self.incoming = incoming;
-            outcome
+            if record_missing(&self.incoming) > 0 {
+                return Ok(outcome);
+            }
+            let held = self.read_held(&mut [], plain)?;
+            outcome.peer_closed |= held.peer_closed;
+            if !self.incoming.is_empty() {
+                // rustls kept some of it: the rest of `data` goes behind.
+                let more = self.read_held(data, plain)?;
+                outcome.peer_closed |= more.peer_closed;
+                return Ok(outcome);
+            }
         }
+        // The common case: records arrive whole and are processed where they are.
+        let used = self.process(data, plain);
+        let more = self.finish_processing(&used)?;
+        outcome.peer_closed |= more.peer_closed;
+        if let Ok((consumed, _)) = used {
+            self.incoming.extend_from_slice(&data[consumed..]);
+        }
+        Ok(outcome)
+    }
+
+    /// Appends `data` to the held ciphertext and processes it all there.
+    fn read_held(
+        &mut self,
+        data: &[u8],
+        plain: &mut Vec<u8>,
+    ) -> Result<ReadOutcome, rustls::Error> {
+        self.incoming.extend_from_slice(data);
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let used = self.process(&mut incoming, plain);
+        let outcome = self.finish_processing(&used);
+        if let Ok((consumed, _)) = used {
+            incoming.drain(..consumed);
+        }
+        self.incoming = incoming;
+        outcome
     }
 
     fn finish_processing(
@@ -269,6 +307,16 @@ impl TlsConn {
         if self.outgoing.is_empty() && self.outgoing.capacity() > keep {
             self.outgoing = Vec::new();
         }
+    }
+}
+
+/// How many bytes the first TLS record in `buf` still lacks (its 5-byte header first).
+fn record_missing(buf: &[u8]) -> usize {
+    match buf {
+        [_, _, _, hi, lo, ..] => {
+            (5 + usize::from(u16::from_be_bytes([*hi, *lo]))).saturating_sub(buf.len())
+        }
+        _ => 5 - buf.len(),
     }
 }
 
