@@ -98,7 +98,7 @@ impl TlsConn {
             if record_missing(&self.incoming) > 0 {
                 return Ok(outcome);
             }
-            let held = self.read_held(&mut [], plain)?;
+            let held = self.read_held(&[], plain)?;
             outcome.peer_closed |= held.peer_closed;
             if !self.incoming.is_empty() {
                 // rustls kept some of it: the rest of `data` goes behind.
