@@ -566,12 +566,7 @@ pub fn write_http(
     out.extend_from_slice(reason_phrase(status).as_bytes());
     out.extend_from_slice(b"\r\nServer: ");
     out.extend_from_slice(SERVER);
-    for (name, value) in headers {
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-    }
+    push_headers(out, headers);
     if !bodiless {
         out.extend_from_slice(b"\r\nContent-Length: ");
         push_decimal(out, body.len());
@@ -653,12 +648,7 @@ pub fn write_accept_with(
     }
     out.extend_from_slice(SERVER_LINE);
     out.extend_from_slice(SERVER);
-    for (name, value) in headers {
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-    }
+    push_headers(out, headers);
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -709,6 +699,16 @@ fn write_head(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends header lines, each after a CRLF (the caller ends the head).
+fn push_headers(out: &mut Vec<u8>, headers: &[(String, String)]) {
+    for (name, value) in headers {
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+    }
 }
 
 /// Appends `n` in decimal, without going through `fmt`.

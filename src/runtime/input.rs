@@ -14,6 +14,7 @@ use super::fault;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
 use super::slab::ConnId;
+use super::tls::tls_failed;
 use super::token::Token;
 use crate::proto::deflate::{self, Deflate};
 use crate::proto::handshake::{self, HttpError};
@@ -109,13 +110,7 @@ impl<A: App> Core<A> {
             Err(e) => {
                 // The stream cannot carry anything more (a close frame included): send the
                 // alert rustls queued, if any, and end the connection.
-                tracing::debug!(
-                    shard = self.ctx.shard,
-                    peer = %c.link.peer,
-                    error = %e,
-                    "TLS failed"
-                );
-                self.ctx.metrics.tls_failures += 1;
+                tls_failed(&mut self.ctx.metrics, self.ctx.shard, c.link.peer, &e);
                 plain.clear();
                 c.link.out.clear();
                 c.link.open = false;

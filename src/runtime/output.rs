@@ -59,13 +59,8 @@ impl<A: App> Shard<A> {
                     None => {}
                     Some(tls) => {
                         if let Err(e) = tls.encrypt(&mut c.link.out) {
-                            tracing::debug!(
-                                shard = core.ctx.shard,
-                                peer = %c.link.peer,
-                                error = %e,
-                                "TLS failed"
-                            );
-                            core.ctx.metrics.tls_failures += 1;
+                            let metrics = &mut core.ctx.metrics;
+                            super::tls::tls_failed(metrics, core.ctx.shard, c.link.peer, &e);
                             c.kill();
                             core.ctx.touch(&mut c.link);
                             return;

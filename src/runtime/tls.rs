@@ -14,10 +14,13 @@
 //! The provider is `ring`: it builds with a C compiler only (aws-lc-rs needs cmake and a
 //! longer build), and both run AES-GCM and ChaCha20-Poly1305 in assembly.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+
+use super::metrics::Metrics;
 
 /// Per-record overhead to reserve when encrypting: header 5, content type 1, AEAD tag 16, and
 /// a TLS 1.2 explicit nonce 8, rounded up.
@@ -308,6 +311,17 @@ impl TlsConn {
             self.outgoing = Vec::new();
         }
     }
+}
+
+/// A connection's TLS failed: one debug line, counted.
+pub(crate) fn tls_failed(
+    metrics: &mut Metrics,
+    shard: usize,
+    peer: SocketAddr,
+    error: &rustls::Error,
+) {
+    tracing::debug!(shard, %peer, %error, "TLS failed");
+    metrics.tls_failures += 1;
 }
 
 /// How many bytes the first TLS record in `buf` still lacks (its 5-byte header first).
