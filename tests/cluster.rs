@@ -466,7 +466,17 @@ fn bad_broker_url_fails_server_start(kind: Kind) {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
     assert!(err.to_string().contains(masked), "{err}");
     assert!(!err.to_string().contains("hunter2"), "the password leaks");
-    TcpListener::bind(("127.0.0.1", port)).expect("the address is free after the failure");
+    // Free once the server's listeners are closed. Other tests in this binary spawn processes
+    // meanwhile: a child between its fork and its exec briefly holds a copy of every
+    // descriptor (close-on-exec ones included), so allow a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Err(e) = TcpListener::bind(("127.0.0.1", port)) {
+        assert!(
+            Instant::now() < deadline,
+            "the address is free after the failure: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A broker that refuses the credentials fails `Server::start` with `PermissionDenied`, at
