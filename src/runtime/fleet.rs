@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -69,6 +69,10 @@ pub(crate) struct Fleet {
     addr: Option<SocketAddr>,
     /// Shutdown was requested before (the accept-queue check is made once).
     shutdown_requested: AtomicBool,
+    /// Copies of every shard's listeners (not when they are shared with a service manager),
+    /// shut down one after another from one thread when shutdown is requested; see
+    /// [`Fleet::request_shutdown`].
+    listeners: Mutex<Vec<OwnedFd>>,
 }
 
 impl Fleet {
@@ -88,6 +92,16 @@ impl Fleet {
     ) -> io::Result<Fleet> {
         fault::install_hook();
         let count = listeners.len();
+        // Copies for `request_shutdown` (a copy that cannot be made only loses the ordering).
+        let copies = if config.shared_listener {
+            Vec::new()
+        } else {
+            listeners
+                .iter()
+                .flatten()
+                .filter_map(|l| l.fd.try_clone().ok())
+                .collect()
+        };
         let addr = listeners
             .first()
             .and_then(|l| l.first())
@@ -191,6 +205,7 @@ impl Fleet {
             exited,
             addr,
             shutdown_requested: AtomicBool::new(false),
+            listeners: Mutex::new(copies),
         };
         if let Some(e) = first_error {
             fleet.request_shutdown();
@@ -217,6 +232,17 @@ impl Fleet {
     pub fn request_shutdown(&self) {
         if !self.shutdown_requested.swap(true, Ordering::Relaxed) {
             self.warn_if_queues_reset();
+            // Leave the SO_REUSEPORT group one listener after another, from this thread. With
+            // `tcp_migrate_req` each closing listener hands its queue to another of the group
+            // — possibly one of ours that closes next — and a hand-over to a listener that is
+            // closing at that instant on another shard's thread resets the connection; one at
+            // a time, each queue moves on until it reaches a listener that stays (the new
+            // process's). The shards then close their own descriptors.
+            let listeners =
+                std::mem::take(&mut *self.listeners.lock().unwrap_or_else(|p| p.into_inner()));
+            for listener in &listeners {
+                sys::shutdown(listener.as_raw_fd(), false);
+            }
         }
         self.post_all(|| Command::Shutdown);
     }
