@@ -18,16 +18,16 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use ringsock::proto::handshake::{HttpError, Request};
-use ringsock::server::{Builder, Handler, Message, ServerHandle, Upgrade, Ws};
+use ringsock::proto::handshake::Request;
+use ringsock::server::{Builder, Decision, Handler, Message, ServerHandle, Upgrade, Ws};
 
 struct Echo;
 
 impl Handler for Echo {
     type State = ();
 
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade) -> Result<(), HttpError> {
-        Ok(())
+    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
     }
 
     fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
