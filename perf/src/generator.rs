@@ -1031,17 +1031,7 @@ mod tests {
             if b0 & 0x80 != 0 {
                 message += 1;
             }
-            let mut out = vec![b0];
-            if payload.len() < 126 {
-                out.push(payload.len() as u8);
-            } else if payload.len() <= 0xFFFF {
-                out.push(126);
-                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            } else {
-                out.push(127);
-                out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-            out.extend_from_slice(&payload);
+            let out = crate::wire::server_frame(b0 & 0x80 != 0, b0 & 0x0F, &payload);
             if sock.write_all(&out).is_err() {
                 return;
             }

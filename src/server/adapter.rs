@@ -52,7 +52,8 @@ impl<H: Handler> App for HandlerApp<H> {
                 response.write(&mut bytes, true, false);
                 Verdict::Reject(bytes)
             }
-            Decision::Defer if upgrade.deferred => Verdict::Defer,
+            // `defer` took the key.
+            Decision::Defer if upgrade.key.is_none() => Verdict::Defer,
             Decision::Defer => {
                 tracing::warn!("on_upgrade returned Decision::Defer without Upgrade::defer");
                 let mut bytes = Vec::new();

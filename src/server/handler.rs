@@ -81,7 +81,6 @@ impl UpgradeOptions {
 pub struct Upgrade<S> {
     pub(crate) options: UpgradeOptions,
     pub(crate) key: Option<DeferKey>,
-    pub(crate) deferred: bool,
     pub(crate) _state: PhantomData<fn(S)>,
 }
 
@@ -90,7 +89,6 @@ impl<S: Send + 'static> Upgrade<S> {
         Upgrade {
             options: UpgradeOptions::default(),
             key: Some(key),
-            deferred: false,
             _state: PhantomData,
         }
     }
@@ -125,7 +123,6 @@ impl<S: Send + 'static> Upgrade<S> {
     /// When called twice.
     pub fn defer(&mut self) -> PendingUpgrade<S> {
         let key = self.key.take().expect("Upgrade::defer called twice");
-        self.deferred = true;
         PendingUpgrade {
             options: std::mem::take(&mut self.options),
             key: Some(key),
