@@ -106,6 +106,9 @@ pub struct Params {
     /// Busy-poll (`epoll_wait` with timeout 0) instead of sleeping: the server's writes then
     /// never have to wake the generator, at the price of a full core of generator CPU.
     pub spin: bool,
+    /// Connections scenario: how long the open connections stay idle before the server's
+    /// memory is read.
+    pub idle_wait: Duration,
     /// With several generator threads: where they wait for each other between opening their
     /// connections and the load, so their windows line up.
     pub gate: Option<Arc<Gate>>,
@@ -183,8 +186,13 @@ pub struct Outcome {
     pub generator_cpu_ns: u64,
     /// Time the generator waited for a CPU in the window.
     pub generator_wait_ns: u64,
-    /// Server memory before and after opening the connections (connections scenario).
+    /// Server memory before opening the connections and after opening all of them
+    /// (connections scenario).
     pub memory: Option<(sys::Memory, sys::Memory)>,
+    /// Server memory with half the connections open (connections scenario): the growth from
+    /// there to all of them is the marginal memory per connection, without the server's fixed
+    /// costs (allocator arenas, buffer pages touched once).
+    pub memory_half: Option<sys::Memory>,
     /// Server memory once every connection has echoed one message (connections scenario).
     pub memory_active: Option<sys::Memory>,
     /// Time taken to open and handshake all connections.
@@ -252,8 +260,22 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
     let start = Instant::now();
     let mut open = 0usize;
     let mut last_progress = start;
+    let mut memory_half = None;
+    // With half of them open, the connections scenario reads the server's memory once.
+    let half = match (p.scenario, p.server_pid) {
+        (Scenario::Connections, Some(_)) => p.conns / 2,
+        _ => p.conns,
+    };
+    let mut target = half.max(1).min(p.conns);
     while open < p.conns {
-        while conns.len() < p.conns && conns.len() - open < p.open_window {
+        if open == target && conns.len() == open {
+            if let Some(pid) = p.server_pid.filter(|_| target < p.conns) {
+                pump_idle(&mut poll, &mut events, p.idle_wait)?;
+                memory_half = Some(sys::memory(pid).map_err(|e| e.to_string())?);
+            }
+            target = p.conns;
+        }
+        while conns.len() < target && conns.len() - open < p.open_window {
             let token = Token(conns.len());
             conns.push(connect(p, &host, &mut rng, &poll, token)?);
         }
@@ -287,7 +309,12 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
             }
         }
     }
-    let connect_seconds = start.elapsed().as_secs_f64();
+    let paused = if memory_half.is_some() {
+        p.idle_wait
+    } else {
+        Duration::ZERO
+    };
+    let connect_seconds = start.elapsed().saturating_sub(paused).as_secs_f64();
     let tls_suite = conns.first().and_then(|c| {
         let tls = c.tls.as_deref()?;
         let version = tls.protocol_version()?;
@@ -297,8 +324,9 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
 
     let mut memory = None;
     if let (Some(before), Some(pid)) = (memory_before, p.server_pid) {
-        // Let the server finish per-connection setup that follows the handshake.
-        pump_idle(&mut poll, &mut events, Duration::from_millis(500))?;
+        // Let the server finish per-connection setup that follows the handshake, and give
+        // back what an idle connection does not need (ringsock's sweep does after 1 s).
+        pump_idle(&mut poll, &mut events, p.idle_wait)?;
         let after = sys::memory(pid).map_err(|e| e.to_string())?;
         memory = Some((before, after));
     }
@@ -508,6 +536,7 @@ pub fn run(p: &Params) -> Result<Outcome, String> {
         generator_cpu_ns,
         generator_wait_ns,
         memory,
+        memory_half,
         memory_active,
         connect_seconds,
         tls_suite,
@@ -1054,6 +1083,7 @@ mod tests {
             label: "test".into(),
             open_window: 1,
             spin: false,
+            idle_wait: Duration::from_millis(500),
             gate: None,
             quiet: false,
             threads: 1,

@@ -74,6 +74,8 @@ options:
   --out DIR          where JSON and SVG go (default perf/results)
   --json             print JSON on stdout (the table goes to stderr)
   --spin             busy-poll in the generator instead of sleeping in epoll_wait
+  --idle-wait SECS   connections: idle time before the server's memory is read (default 3,
+                     past ringsock's idle sweep, which gives back buffers after 1 s quiet)
   --tls              wss:// (rtt, throughput, big, connections): compare makes a self-signed
                      certificate in <out>/tls/, starts ringsock's echo with --tls CERT KEY and
                      the TLS peer tokio-tungstenite-tls; bench trusts --cert FILE (default
@@ -258,6 +260,7 @@ impl Args {
                         label: String::new(),
                         open_window: 128,
                         spin: self.spin,
+                        idle_wait: self.secs("idle-wait", 3.0)?,
                         gate: None,
                         quiet: false,
                         threads: self.num("threads", 1)?.max(1) as usize,

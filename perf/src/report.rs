@@ -39,6 +39,9 @@ pub struct Sample {
     pub pss_per_conn: f64,
     /// Server RSS growth per connection once each has echoed one message, in bytes.
     pub active_rss_per_conn: f64,
+    /// Server RSS growth per connection from half the connections to all of them, in bytes:
+    /// the memory each further idle connection costs, without fixed costs.
+    pub marginal_rss_per_conn: f64,
     /// Seconds taken to open all connections.
     pub connect_seconds: f64,
 }
@@ -65,6 +68,13 @@ impl Sample {
                 )
             }
             None => (0.0, 0.0),
+        };
+        let marginal_rss_per_conn = match (o.memory, o.memory_half) {
+            (Some((_, after)), Some(half)) => {
+                let n = (p.conns - p.conns / 2).max(1) as f64;
+                (after.rss as f64 - half.rss as f64) / n
+            }
+            _ => 0.0,
         };
         let active_rss_per_conn = match (o.memory, o.memory_active) {
             (Some((before, _)), Some(active)) => {
@@ -93,6 +103,7 @@ impl Sample {
             rss_per_conn,
             pss_per_conn,
             active_rss_per_conn,
+            marginal_rss_per_conn,
             connect_seconds: o.connect_seconds,
         }
     }
@@ -121,6 +132,7 @@ impl Sample {
             rss_per_conn: med(&|s| s.rss_per_conn),
             pss_per_conn: med(&|s| s.pss_per_conn),
             active_rss_per_conn: med(&|s| s.active_rss_per_conn),
+            marginal_rss_per_conn: med(&|s| s.marginal_rss_per_conn),
             connect_seconds: med(&|s| s.connect_seconds),
         }
     }
@@ -143,6 +155,7 @@ impl Sample {
             "rss_per_conn": self.rss_per_conn,
             "pss_per_conn": self.pss_per_conn,
             "active_rss_per_conn": self.active_rss_per_conn,
+            "marginal_rss_per_conn": self.marginal_rss_per_conn,
             "connect_seconds": self.connect_seconds,
         })
     }
@@ -229,9 +242,11 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
     if p.scenario == Scenario::Connections {
         writeln!(
             out,
-            "{:<w$} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8}",
+            "{:<w$} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8}",
             "server",
             "RSS/conn",
+            "ratio",
+            "marginal",
             "ratio",
             "PSS/conn",
             "ratio",
@@ -247,10 +262,15 @@ pub fn table(p: &Params, results: &[ServerResult], reps: usize) -> String {
             }
             writeln!(
                 out,
-                "{:<w$} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8.2}",
+                "{:<w$} {:>12} {:>7} {:>12} {:>7} {:>12} {:>7} {:>16} {:>7} {:>8.2}",
                 r.name,
                 bytes(m.rss_per_conn),
                 ratio(m.rss_per_conn, base.as_ref().map(|b| b.rss_per_conn)),
+                bytes(m.marginal_rss_per_conn),
+                ratio(
+                    m.marginal_rss_per_conn,
+                    base.as_ref().map(|b| b.marginal_rss_per_conn)
+                ),
                 bytes(m.pss_per_conn),
                 ratio(m.pss_per_conn, base.as_ref().map(|b| b.pss_per_conn)),
                 bytes(m.active_rss_per_conn),
@@ -429,7 +449,17 @@ fn target(p: &Params, results: &[ServerResult], meds: &[Sample]) -> String {
         }
         _ => return String::new(),
     };
-    format!("target: {needed}: {figures}: {}\n", verdict(met))
+    let mut line = format!("target: {needed}: {figures}: {}\n", verdict(met));
+    if p.scenario == Scenario::Connections && p.tls.is_none() {
+        // Issue 10: at or below uWebSockets' 0.25 KiB per idle connection.
+        let v = rs.marginal_rss_per_conn;
+        line.push_str(&format!(
+            "target: marginal memory per idle connection at most 256 B: ringsock {}: {}\n",
+            bytes(v),
+            verdict(v <= 256.0)
+        ));
+    }
+    line
 }
 
 /// The JSON document of one case.
@@ -645,6 +675,7 @@ mod tests {
             label: String::new(),
             open_window: 1,
             spin: false,
+            idle_wait: std::time::Duration::from_millis(500),
             gate: None,
             quiet: false,
             threads: 1,

@@ -225,28 +225,67 @@ enum Ready {
 
 /// One server-side WebSocket connection after the handshake. See the module docs for the
 /// call protocol.
+///
+/// Only what every open connection needs is kept inline (about 100 bytes); the buffers for
+/// input that spans reads and for compression live in a [`Spill`] allocated on first need
+/// and given back by [`Connection::shrink_buffers`], so an idle connection stays small.
 pub struct Connection {
     config: Config,
-    deflate: Option<Deflate>,
-    state: State,
-    /// A header split across reads.
-    header: [u8; MAX_HEADER_LEN],
-    header_len: usize,
+    deflate: Option<Box<Deflate>>,
     frame: Option<FrameState>,
     message: Option<MessageState>,
+    /// The close frames sent and received (for metrics).
+    closes: Closes,
+    state: State,
+    /// Bytes of a header split across reads, in `spill.header`.
+    header_len: u8,
+    /// Bytes of a control frame split across reads, in `spill.control`.
+    control_len: u8,
+    /// `reassembly`/`inflated` were lent to the last event: clear them on the next call.
+    lent: bool,
+    /// Buffers needed only while input spans reads, or to compress.
+    spill: Option<Box<Spill>>,
+}
+
+/// A connection's buffers for input that spans reads and for compression, allocated on
+/// first need.
+struct Spill {
+    /// A header split across reads.
+    header: [u8; MAX_HEADER_LEN],
+    /// A control frame that spans reads (§5.5: at most 125 bytes).
+    control: [u8; 125],
     /// A message that spans frames or reads.
     /// Text in it was validated as it arrived, so it is handed out without a second pass.
     reassembly: Utf8Buf,
-    /// A control frame that spans reads (§5.5: at most 125 bytes).
-    control: [u8; 125],
-    control_len: usize,
+    /// The inflated message.
     inflated: Utf8Buf,
     /// Compressed output of [`Connection::send`].
     scratch: Vec<u8>,
-    /// `reassembly`/`inflated` were lent to the last event: clear them on the next call.
-    lent: bool,
-    /// The close frames sent and received (for metrics).
-    closes: Closes,
+}
+
+impl Spill {
+    /// Whether it holds nothing: no bytes and no allocated buffer.
+    fn is_empty(&self) -> bool {
+        self.reassembly.is_empty()
+            && self.inflated.is_empty()
+            && self.reassembly.capacity() == 0
+            && self.inflated.capacity() == 0
+            && self.scratch.capacity() == 0
+    }
+}
+
+/// The connection's spill, allocated if it is not yet.
+#[inline]
+fn spill(spill: &mut Option<Box<Spill>>) -> &mut Spill {
+    spill.get_or_insert_with(|| {
+        Box::new(Spill {
+            header: [0; MAX_HEADER_LEN],
+            control: [0; 125],
+            reassembly: Utf8Buf::default(),
+            inflated: Utf8Buf::default(),
+            scratch: Vec::new(),
+        })
+    })
 }
 
 /// The close frames a connection saw: `None` for none yet, `Some(None)` for one without a
@@ -264,19 +303,15 @@ impl Connection {
     pub fn new(config: Config, deflate: Option<Deflate>) -> Self {
         Connection {
             config,
-            deflate,
-            state: State::Open,
-            header: [0; MAX_HEADER_LEN],
-            header_len: 0,
+            deflate: deflate.map(Box::new),
             frame: None,
             message: None,
-            reassembly: Utf8Buf::default(),
-            control: [0; 125],
-            control_len: 0,
-            inflated: Utf8Buf::default(),
-            scratch: Vec::new(),
-            lent: false,
             closes: Closes::default(),
+            state: State::Open,
+            header_len: 0,
+            control_len: 0,
+            lent: false,
+            spill: None,
         }
     }
 
@@ -354,18 +389,17 @@ impl Connection {
             }
             Some(Ready::Data(opcode, source)) => {
                 self.lent = true;
-                let bytes = match source {
-                    Source::Inflated => {
-                        compressed = true;
-                        &self.inflated
-                    }
-                    _ => &self.reassembly,
-                };
+                compressed = matches!(source, Source::Inflated);
+                let bytes = self.spill.as_deref().map(|spill| match source {
+                    Source::Inflated => &spill.inflated,
+                    _ => &spill.reassembly,
+                });
                 if opcode == OpCode::Text {
                     // Validated while it arrived (or after inflation) in `read_payload`.
-                    Some(Event::Text(bytes.as_str().unwrap_or_default()))
+                    let text = bytes.and_then(Utf8Buf::as_str).unwrap_or_default();
+                    Some(Event::Text(text))
                 } else {
-                    Some(Event::Binary(bytes.as_bytes()))
+                    Some(Event::Binary(bytes.map_or(&[][..], Utf8Buf::as_bytes)))
                 }
             }
             Some(Ready::Fragment {
@@ -415,9 +449,10 @@ impl Connection {
             return Err(SendError::Closed);
         }
         if let (true, Some(deflate)) = (compress, self.deflate.as_mut()) {
-            if deflate.compress(payload, &mut self.scratch) {
+            let scratch = &mut spill(&mut self.spill).scratch;
+            if deflate.compress(payload, scratch) {
                 // RFC 7692 §6: RSV1 marks the first frame of a compressed message.
-                encode_frame(out, true, true, opcode, &self.scratch);
+                encode_frame(out, true, true, opcode, scratch);
                 return Ok(());
             }
         }
@@ -511,37 +546,56 @@ impl Connection {
 
     /// The bytes of a control frame's payload or a close reason.
     fn bytes<'a>(&'a self, input: &'a [u8], source: Source) -> &'a [u8] {
+        let Some(spill) = self.spill.as_deref() else {
+            return match source {
+                Source::Input(range) => &input[range],
+                _ => &[],
+            };
+        };
         match source {
             Source::Input(range) => &input[range],
-            Source::Control(range) => &self.control[range],
-            Source::Reassembly => self.reassembly.as_bytes(),
-            Source::Inflated => self.inflated.as_bytes(),
+            Source::Control(range) => &spill.control[range],
+            Source::Reassembly => spill.reassembly.as_bytes(),
+            Source::Inflated => spill.inflated.as_bytes(),
         }
     }
 
-    /// Frees reassembly, inflate and compression buffers larger than 64 KiB that no message
-    /// in progress needs. They are kept between messages, so a stream of large messages does
-    /// not allocate (and fault in) a new buffer for each; call this when the connection has
-    /// been quiet for a while (the runtime does, from its timer sweep) so an idle connection
-    /// holds only small buffers. Returns the bytes freed.
+    /// Frees the reassembly, inflate and compression buffers that no message in progress
+    /// needs, and with them the spill, if nothing in it is still in use. They are kept
+    /// between messages, so a stream of large messages does not allocate (and fault in) a new
+    /// buffer for each; call this when the connection has been quiet for a while (the runtime
+    /// does, from its timer sweep) so an idle connection holds nothing but its inline state.
+    /// Returns the buffer bytes freed.
     pub fn shrink_buffers(&mut self) -> usize {
+        let Some(spill) = self.spill.as_deref_mut() else {
+            return 0;
+        };
         let mut freed = 0;
         if self.lent || (self.frame.is_none() && self.message.is_none()) {
             self.lent = false;
-            freed += self.reassembly.shrink(KEEP_CAPACITY);
-            freed += self.inflated.shrink(KEEP_CAPACITY);
+            freed += spill.reassembly.shrink(0);
+            freed += spill.inflated.shrink(0);
         }
-        if self.scratch.capacity() > KEEP_CAPACITY {
-            freed += self.scratch.capacity();
-            self.scratch = Vec::new();
+        freed += spill.scratch.capacity();
+        spill.scratch = Vec::new();
+        if self.header_len == 0 && self.control_len == 0 && spill.is_empty() {
+            self.spill = None;
         }
         freed
     }
 
+    /// Whether the buffers for input that spans reads are allocated (they are freed by
+    /// [`Connection::shrink_buffers`] when nothing needs them).
+    pub fn has_spill(&self) -> bool {
+        self.spill.is_some()
+    }
+
     fn release_lent(&mut self) {
         self.lent = false;
-        self.reassembly.clear();
-        self.inflated.clear();
+        if let Some(spill) = self.spill.as_deref_mut() {
+            spill.reassembly.clear();
+            spill.inflated.clear();
+        }
     }
 
     /// Fails the connection (§7.1.7): queues our close with the error's code (unless ours is
@@ -554,8 +608,10 @@ impl Connection {
         self.state = State::Closed;
         self.frame = None;
         self.message = None;
-        self.reassembly = Utf8Buf::default();
-        self.inflated = Utf8Buf::default();
+        self.header_len = 0;
+        self.control_len = 0;
+        self.lent = false;
+        self.spill = None;
         Ready::Error(error)
     }
 
@@ -612,13 +668,13 @@ impl Connection {
                 return Ok(Some(used));
             }
             // Incomplete, so shorter than the longest header.
-            self.header[..input.len()].copy_from_slice(input);
-            self.header_len = input.len();
+            spill(&mut self.spill).header[..input.len()].copy_from_slice(input);
+            self.header_len = input.len() as u8;
             return Ok(None);
         }
-        let old = self.header_len;
+        let old = usize::from(self.header_len);
         let take = (MAX_HEADER_LEN - old).min(input.len());
-        let mut joined = self.header;
+        let mut joined = spill(&mut self.spill).header;
         joined[old..old + take].copy_from_slice(&input[..take]);
         match self.parse_header(&joined[..old + take])? {
             Some(used) => {
@@ -626,8 +682,8 @@ impl Connection {
                 Ok(Some(used - old))
             }
             None => {
-                self.header = joined;
-                self.header_len = old + take;
+                spill(&mut self.spill).header = joined;
+                self.header_len = (old + take) as u8;
                 Ok(None)
             }
         }
@@ -724,13 +780,15 @@ impl Connection {
                 let payload = &buf[start..end];
                 return self.handle_control(frame.opcode, payload, Source::Input(start..end), out);
             }
-            self.control[self.control_len..self.control_len + take].copy_from_slice(chunk);
-            self.control_len += take;
+            let at = usize::from(self.control_len);
+            spill(&mut self.spill).control[at..at + take].copy_from_slice(chunk);
+            // A control frame's payload is at most 125 bytes (checked in `parse_header`).
+            self.control_len += take as u8;
             if !complete {
                 return Ok(None);
             }
-            let control = self.control;
-            let len = std::mem::take(&mut self.control_len);
+            let control = spill(&mut self.spill).control;
+            let len = usize::from(std::mem::take(&mut self.control_len));
             return self.handle_control(
                 frame.opcode,
                 &control[..len],
@@ -785,18 +843,19 @@ impl Connection {
                 last,
             }));
         }
-        if frame.first && frame.remaining > 0 && self.reassembly.is_empty() {
+        let reassembly = &mut spill(&mut self.spill).reassembly;
+        if frame.first && frame.remaining > 0 && reassembly.is_empty() {
             // A message split across reads: reserve once, bounded by what can still arrive
             // soon, so a 14-byte header cannot make us allocate its claimed length.
             let expected = (take as u64 + frame.remaining).min(KEEP_CAPACITY as u64);
-            self.reassembly.reserve(expected as usize);
+            reassembly.reserve(expected as usize);
         }
         if text {
-            self.reassembly
+            reassembly
                 .push_text(chunk)
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
         } else {
-            self.reassembly.push_bytes(chunk);
+            reassembly.push_bytes(chunk);
         }
         if !(complete && frame.fin) {
             return Ok(None);
@@ -805,13 +864,15 @@ impl Connection {
             return Ok(None);
         };
         if message.compressed {
-            let input = std::mem::take(&mut self.reassembly);
+            let input = std::mem::take(&mut spill(&mut self.spill).reassembly);
             let ready = self.inflate(message.opcode, 0..input.as_bytes().len(), input.as_bytes());
-            self.reassembly = input;
+            if let Some(spill) = self.spill.as_deref_mut() {
+                spill.reassembly = input;
+            }
             self.lent = true;
             return ready.map(Some);
         }
-        if text && !self.reassembly.is_complete_text() {
+        if text && !spill(&mut self.spill).reassembly.is_complete_text() {
             // The message ended inside a code point.
             return Err(ProtocolError::InvalidUtf8);
         }
@@ -829,14 +890,15 @@ impl Connection {
             return Err(ProtocolError::ReservedBits);
         };
         let max = self.config.max_message_size;
+        let inflated = &mut spill(&mut self.spill).inflated;
         deflate
-            .decompress(&input[range], max, self.inflated.vec_mut())
+            .decompress(&input[range], max, inflated.vec_mut())
             .map_err(|e| match e {
                 InflateError::TooBig => ProtocolError::MessageTooBig,
                 InflateError::Invalid => ProtocolError::InvalidCompressedData,
             })?;
         if opcode == OpCode::Text {
-            self.inflated
+            inflated
                 .check_text()
                 .map_err(|_| ProtocolError::InvalidUtf8)?;
         }

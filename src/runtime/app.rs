@@ -14,6 +14,7 @@ use bytes::Bytes;
 use super::command::{Command, Mailbox, Posted};
 use super::metrics::Metrics;
 use super::pubsub::{Topics, Uplink};
+use super::ring::SendBuf;
 use super::slab::ConnId;
 use crate::proto::handshake::Request;
 use crate::proto::{encode_frame, CloseCode, Connection, OpCode};
@@ -136,21 +137,55 @@ pub enum SendStatus {
 }
 
 /// The per-connection part a [`Session`] works on.
+///
+/// Kept small for idle connections: the output and everything rarely used live behind
+/// pointers allocated on first need ([`Output`], [`LinkExtra`]), which the idle sweep gives
+/// back.
 pub(crate) struct Link {
     /// The connection's identity.
     pub id: ConnId,
     /// The peer's address.
     pub peer: SocketAddr,
-    /// Corked output: frames queued since the last send was loaded.
-    pub out: Vec<u8>,
-    /// Bytes loaded into the send buffer and not yet written.
-    pub in_flight: usize,
-    /// permessage-deflate was negotiated.
-    pub compress: bool,
-    /// Messages shorter than this go out uncompressed.
+    /// Frames queued and the send in flight, once there was output.
+    pub output: Option<Box<Output>>,
+    /// Messages at least this long go out compressed when asked; `usize::MAX` without
+    /// permessage-deflate.
     pub min_compress: usize,
     /// Data messages may be sent (open, and no close sent or asked for).
     pub open: bool,
+    /// `close` was called on the application (it is called once).
+    pub notified: bool,
+    /// The connection is on the shard's list to settle after this batch.
+    pub touched: bool,
+    /// What few connections use: subscriptions, handles, a requested close, deferred
+    /// compressed sends.
+    pub extra: Option<Box<LinkExtra>>,
+}
+
+/// A connection's output: frames corked since the last send was loaded, and the send.
+#[derive(Default)]
+pub(crate) struct Output {
+    /// Corked frames, written once per batch.
+    pub corked: Vec<u8>,
+    /// The bytes on their way to the socket.
+    pub send: SendBuf,
+}
+
+impl Output {
+    /// Bytes queued and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.corked.len() + self.send.remaining()
+    }
+
+    /// Whether nothing is queued, loaded or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.corked.is_empty() && self.send.is_idle()
+    }
+}
+
+/// The rarely used part of a [`Link`].
+#[derive(Default)]
+pub(crate) struct LinkExtra {
     /// A close the application asked for, applied after the callback.
     pub close_req: Option<(CloseCode, String)>,
     /// Messages to compress that were queued while the engine was borrowed (payloads back
@@ -160,14 +195,21 @@ pub(crate) struct Link {
     pub deferred_msgs: Vec<(OpCode, usize, bool)>,
     /// Topics this connection subscribed to.
     pub topics: Vec<Arc<str>>,
-    /// `close` was called on the application (it is called once).
-    pub notified: bool,
-    /// The connection is on the shard's list to settle after this batch.
-    pub touched: bool,
     /// Set when the connection is freed; shared with every [`ConnHandle`] given out, so a
     /// handle kept after the close answers [`SendStatus::Closed`] at once. Made on the first
     /// [`Session::handle`] only.
     pub gone: Option<Arc<AtomicBool>>,
+}
+
+impl LinkExtra {
+    /// Whether it holds nothing (and may be freed).
+    fn is_empty(&self) -> bool {
+        self.close_req.is_none()
+            && self.deferred.capacity() == 0
+            && self.deferred_msgs.capacity() == 0
+            && self.topics.is_empty()
+            && self.gone.is_none()
+    }
 }
 
 impl Link {
@@ -176,24 +218,38 @@ impl Link {
         Link {
             id,
             peer,
-            out: Vec::new(),
-            in_flight: 0,
-            compress: false,
+            output: None,
             min_compress: usize::MAX,
             open: false,
-            close_req: None,
-            deferred: Vec::new(),
-            deferred_msgs: Vec::new(),
-            topics: Vec::new(),
             notified: false,
             touched: false,
-            gone: None,
+            extra: None,
         }
     }
 
+    /// The corked output, allocated on first use.
+    #[inline]
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.output.get_or_insert_with(Box::default).corked
+    }
+
+    /// The rarely used part, allocated on first use.
+    pub fn extra(&mut self) -> &mut LinkExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
     /// Bytes queued and not yet written.
+    #[inline]
     pub fn buffered(&self) -> usize {
-        self.out.len() + self.in_flight + self.deferred.len()
+        let deferred = self.extra.as_ref().map_or(0, |e| e.deferred.len());
+        self.output.as_ref().map_or(0, |o| o.buffered()) + deferred
+    }
+
+    /// Whether compressed sends were deferred during the callback.
+    fn has_deferred(&self) -> bool {
+        self.extra
+            .as_ref()
+            .is_some_and(|e| !e.deferred_msgs.is_empty())
     }
 
     /// Queued or backpressure, by the high-water mark.
@@ -203,6 +259,30 @@ impl Link {
         } else {
             SendStatus::Queued
         }
+    }
+
+    /// Frees the output and the rarely used part if they hold nothing (a quiet connection),
+    /// and the corked vector if it grew past `keep` bytes. Returns whether a part was freed.
+    pub fn shrink(&mut self, keep: usize) -> bool {
+        let parts = usize::from(self.output.is_some()) + usize::from(self.extra.is_some());
+        if self.output.as_ref().is_some_and(|o| o.is_idle()) {
+            self.output = None;
+        } else if let Some(output) = self.output.as_deref_mut() {
+            if output.corked.is_empty() && output.corked.capacity() > keep {
+                output.corked = Vec::new();
+            }
+            output.send.shrink(keep);
+        }
+        if let Some(extra) = self.extra.as_deref_mut() {
+            if extra.deferred_msgs.is_empty() {
+                extra.deferred = Vec::new();
+                extra.deferred_msgs = Vec::new();
+            }
+            if extra.is_empty() {
+                self.extra = None;
+            }
+        }
+        parts > usize::from(self.output.is_some()) + usize::from(self.extra.is_some())
     }
 }
 
@@ -291,7 +371,7 @@ impl<S> Session<'_, S> {
         if payload.len() > 125 {
             return SendStatus::Dropped;
         }
-        encode_frame(&mut self.link.out, true, false, OpCode::Ping, payload);
+        encode_frame(self.link.out(), true, false, OpCode::Ping, payload);
         self.ctx.touch(self.link);
         self.link.status(&self.ctx.limits)
     }
@@ -307,7 +387,7 @@ impl<S> Session<'_, S> {
         } else {
             CloseCode::NORMAL
         };
-        self.link.close_req = Some((code, truncate_reason(reason).to_owned()));
+        self.link.extra().close_req = Some((code, truncate_reason(reason).to_owned()));
         self.link.open = false;
         self.ctx.touch(self.link);
     }
@@ -324,13 +404,15 @@ impl<S> Session<'_, S> {
 
     /// A handle for other threads.
     pub fn handle(&mut self) -> ConnHandle {
+        let id = self.link.id;
         let gone = self
             .link
+            .extra()
             .gone
             .get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
         ConnHandle {
             mailbox: Arc::clone(&self.ctx.mailboxes[self.ctx.shard]),
-            id: self.link.id,
+            id,
             gone: Arc::clone(gone),
             node: Node {
                 mailboxes: Arc::clone(&self.ctx.mailboxes),
@@ -427,19 +509,20 @@ pub(crate) fn queue_message(
     if link.buffered() > limits.max_buffered {
         return SendStatus::Dropped;
     }
-    let compress = allow_compress && link.compress && payload.len() >= link.min_compress;
+    let compress = allow_compress && payload.len() >= link.min_compress;
     match engine {
         Some(engine) if compress => {
-            if engine.send(&mut link.out, opcode, payload, true).is_err() {
+            if engine.send(link.out(), opcode, payload, true).is_err() {
                 return SendStatus::Closed;
             }
         }
         // Keep order behind messages already deferred in this call.
-        None if compress || !link.deferred_msgs.is_empty() => {
-            link.deferred.extend_from_slice(payload);
-            link.deferred_msgs.push((opcode, payload.len(), compress));
+        None if compress || link.has_deferred() => {
+            let extra = link.extra();
+            extra.deferred.extend_from_slice(payload);
+            extra.deferred_msgs.push((opcode, payload.len(), compress));
         }
-        _ => encode_frame(&mut link.out, true, false, opcode, payload),
+        _ => encode_frame(link.out(), true, false, opcode, payload),
     }
     link.status(limits)
 }
@@ -460,7 +543,7 @@ pub(crate) fn send_counted(
     let (metrics, len) = (&mut ctx.metrics, payload.len());
     match status {
         SendStatus::Queued | SendStatus::Backpressure => {
-            let compressed = allow_compress && link.compress && len >= link.min_compress;
+            let compressed = allow_compress && len >= link.min_compress;
             metrics.sent.count(len, compressed);
         }
         SendStatus::Dropped => metrics.dropped_over_cap += 1,
@@ -506,7 +589,7 @@ mod tests {
         link.open = true;
         assert_eq!(send(&mut link), SendStatus::Queued);
         assert_eq!(send(&mut link), SendStatus::Backpressure);
-        link.out.extend_from_slice(&[0; 16]);
+        link.out().extend_from_slice(&[0; 16]);
         assert_eq!(send(&mut link), SendStatus::Dropped);
         link.open = false;
         assert_eq!(send(&mut link), SendStatus::Closed);

@@ -27,14 +27,14 @@ use crate::proto::deflate::DeflateParams;
 use crate::proto::{self, CloseCode, Connection, State};
 
 /// Where a connection is in its life (see the module docs).
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
     /// Reading the upgrade request (or, with keep-alive, the next plain HTTP request); the
-    /// bytes so far.
-    Handshake(Vec<u8>),
+    /// bytes so far are in [`ConnExtra::request`].
+    Handshake,
     /// The application deferred its decision on the upgrade; the answer arrives as a
-    /// command, within the handshake timeout.
-    Deferred(Box<Deferred>),
+    /// command, within the handshake timeout. What it needs is in [`ConnExtra::deferred`].
+    Deferred,
     /// A WebSocket: frames go through the engine, which tracks the closing handshake.
     Ws,
     /// Writing the last output (an HTTP answer, a refusal, or what follows the closing
@@ -79,6 +79,20 @@ pub(crate) struct WsPart<S> {
     pub poisoned: bool,
 }
 
+/// What a connection holds only at times: the request being read, a deferred upgrade, input
+/// held back over the high-water mark, the receive buffer without a buffer ring.
+#[derive(Default)]
+pub(crate) struct ConnExtra {
+    /// The bytes of the request being read (phase `Handshake`).
+    pub request: Vec<u8>,
+    /// The deferred upgrade (phase `Deferred`).
+    pub deferred: Option<Deferred>,
+    /// Input received while over the mark.
+    pub stash: Stash,
+    /// The receive buffer, without a buffer ring (single-shot receives).
+    pub recv_buf: Option<RecvBuf>,
+}
+
 /// Input held back while the output is over the high-water mark (see `input.rs`).
 #[derive(Default)]
 pub(crate) struct Stash {
@@ -95,40 +109,44 @@ impl Stash {
     }
 }
 
+/// No deadline ([`Conn::deadline`]).
+pub(crate) const NO_DEADLINE: u64 = u64::MAX;
+
 /// A connection on a shard.
+///
+/// An idle upgraded connection is this struct and nothing else (about 230 bytes with a
+/// zero-sized application state): its output ([`Link::output`]), the engine's buffers and
+/// everything held only at times ([`ConnExtra`]) are allocated when needed and given back by
+/// the idle sweep ([`Conn::shrink`]).
 pub(crate) struct Conn<S> {
     /// The socket; closed when the connection is dropped.
     pub socket: OwnedFd,
-    /// What sessions touch: output, open flag, topics.
-    pub link: Link,
     /// Where it is in its life.
     pub phase: Phase,
-    /// The engine and state, from the upgrade on.
-    pub ws: Option<WsPart<S>>,
-    /// Bytes on their way to the socket.
-    pub send: SendBuf,
     /// The receive operation.
     pub recv: Recv,
-    /// The receive buffer, without a buffer ring (single-shot receives).
-    pub recv_buf: Option<RecvBuf>,
     /// Cancellations submitted whose completion has not arrived.
-    pub cancels: u32,
+    pub cancels: u8,
     /// The peer's FIN arrived.
     pub peer_eof: bool,
     /// A plain HTTP request was answered and the connection kept for the next one.
     pub kept_alive: bool,
     /// Output is over the high-water mark: reading stops until it drains.
     pub over_mark: bool,
-    /// Input received while over the mark.
-    pub stash: Stash,
-    /// When the idle ping was sent (ms), if one is outstanding.
-    pub pinged_at: Option<u64>,
+    /// What sessions touch: output, open flag, topics.
+    pub link: Link,
+    /// The engine and state, from the upgrade on.
+    pub ws: Option<WsPart<S>>,
+    /// When the idle ping was sent (ms), 0 if none is outstanding.
+    pub pinged_at: u64,
     /// When something was last received (ms).
     pub last_rx: u64,
-    /// Handshake or closing deadline (ms since shard start).
-    pub deadline: Option<u64>,
+    /// Handshake or closing deadline (ms since shard start), [`NO_DEADLINE`] if none.
+    pub deadline: u64,
     /// TLS, on a connection from a TLS listener.
     pub tls: Option<Box<TlsConn>>,
+    /// What is held only at times.
+    pub extra: Option<Box<ConnExtra>>,
 }
 
 impl<S> Conn<S> {
@@ -136,22 +154,43 @@ impl<S> Conn<S> {
     pub fn new(socket: OwnedFd, link: Link, phase: Phase, now: u64, deadline: u64) -> Conn<S> {
         Conn {
             socket,
-            link,
             phase,
-            ws: None,
-            send: SendBuf::default(),
             recv: Recv::Idle,
-            recv_buf: None,
             cancels: 0,
             peer_eof: false,
             kept_alive: false,
             over_mark: false,
-            stash: Stash::default(),
-            pinged_at: None,
+            link,
+            ws: None,
+            pinged_at: 0,
             last_rx: now,
-            deadline: Some(deadline),
+            deadline,
             tls: None,
+            extra: None,
         }
+    }
+
+    /// The part held only at times, allocated on first use.
+    pub fn extra(&mut self) -> &mut ConnExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Whether stashed input waits to be fed.
+    #[inline]
+    pub fn stash_pending(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.stash.is_pending())
+    }
+
+    /// The send (none before the first output).
+    #[inline]
+    pub fn send(&self) -> Option<&SendBuf> {
+        self.link.output.as_ref().map(|o| &o.send)
+    }
+
+    /// Whether a send is in flight.
+    #[inline]
+    pub fn send_in_flight(&self) -> bool {
+        self.send().is_some_and(SendBuf::in_flight)
     }
 
     /// The socket's descriptor.
@@ -166,14 +205,13 @@ impl<S> Conn<S> {
 
     /// Whether an operation that points at this connection's memory is in flight.
     pub fn has_operations(&self) -> bool {
-        self.recv != Recv::Idle || self.send.in_flight() || self.cancels > 0
+        self.recv != Recv::Idle || self.send_in_flight() || self.cancels > 0
     }
 
     /// Whether everything queued was written.
     pub fn is_flushed(&self) -> bool {
-        self.send.is_idle()
-            && self.link.out.is_empty()
-            && self.link.deferred.is_empty()
+        self.link.buffered() == 0
+            && !self.send_in_flight()
             && self.tls.as_ref().map_or(true, |t| !t.has_output())
     }
 
@@ -189,26 +227,27 @@ impl<S> Conn<S> {
 
     /// Writes what is queued, then closes (an HTTP answer, a refusal).
     pub fn flush_then_close(&mut self) {
-        if matches!(
-            self.phase,
-            Phase::Handshake(_) | Phase::Deferred(_) | Phase::Ws
-        ) {
+        if matches!(self.phase, Phase::Handshake | Phase::Deferred | Phase::Ws) {
             self.phase = Phase::Flushing;
         }
     }
 
     /// Sets the deadline unless one is set.
-    fn arm_deadline(&mut self, at: u64) {
-        self.deadline.get_or_insert(at);
+    pub fn arm_deadline(&mut self, at: u64) {
+        if self.deadline == NO_DEADLINE {
+            self.deadline = at;
+        }
     }
 
     /// Starts the closing handshake from our side (RFC 6455 §7.1.2), after queued output.
     pub fn start_close(&mut self, code: CloseCode, reason: &str, now: u64, close_ms: u64) {
         let Some(ws) = self.ws.as_mut() else { return };
         self.link.open = false;
-        self.link.close_req = None;
+        if let Some(extra) = self.link.extra.as_deref_mut() {
+            extra.close_req = None;
+        }
         if ws.engine.state() == State::Open {
-            let _ = ws.engine.close(&mut self.link.out, code, reason);
+            let _ = ws.engine.close(self.link.out(), code, reason);
         }
         self.follow_engine(now, close_ms);
     }
@@ -235,43 +274,61 @@ impl<S> Conn<S> {
     /// close.
     pub fn after_callback(&mut self, now: u64, close_ms: u64) {
         let Some(ws) = self.ws.as_mut() else { return };
-        if !self.link.deferred_msgs.is_empty() {
+        let Some(extra) = self.link.extra.as_deref_mut() else {
+            return self.follow_engine(now, close_ms);
+        };
+        if !extra.deferred_msgs.is_empty() {
+            let out = &mut self.link.output.get_or_insert_with(Box::default).corked;
             let mut start = 0;
-            for &(opcode, len, compress) in &self.link.deferred_msgs {
-                let payload = &self.link.deferred[start..start + len];
+            for &(opcode, len, compress) in &extra.deferred_msgs {
+                let payload = &extra.deferred[start..start + len];
                 start += len;
                 if compress {
-                    let _ = ws.engine.send(&mut self.link.out, opcode, payload, true);
+                    let _ = ws.engine.send(out, opcode, payload, true);
                 } else {
-                    proto::encode_frame(&mut self.link.out, true, false, opcode, payload);
+                    proto::encode_frame(out, true, false, opcode, payload);
                 }
             }
-            self.link.deferred_msgs.clear();
-            self.link.deferred.clear();
+            extra.deferred_msgs.clear();
+            extra.deferred.clear();
         }
-        if let Some((code, reason)) = self.link.close_req.take() {
+        if let Some((code, reason)) = extra.close_req.take() {
             self.start_close(code, &reason, now, close_ms);
         } else {
             self.follow_engine(now, close_ms);
         }
     }
 
-    /// Frees the large buffers of a quiet connection: the engine's reassembly, inflate and
-    /// compression buffers, the send vectors and the stash, each above `keep` bytes and not
-    /// in use.
-    pub fn shrink(&mut self, keep: usize) {
+    /// Gives back what a quiet connection does not need: the engine's buffers, the output
+    /// and the link's rarely used part when empty (else buffers above `keep` bytes), the
+    /// stash, and the part held only at times once it holds nothing. Returns whether a part
+    /// allocated on demand was freed.
+    pub fn shrink(&mut self, keep: usize) -> bool {
+        let mut freed = false;
         if let Some(ws) = self.ws.as_mut() {
+            let spilled = ws.engine.has_spill();
             ws.engine.shrink_buffers();
+            freed |= spilled && !ws.engine.has_spill();
         }
-        self.send.shrink(keep);
+        freed |= self.link.shrink(keep);
         if let Some(tls) = self.tls.as_mut() {
             tls.shrink(keep);
         }
-        if self.link.out.is_empty() && self.link.out.capacity() > keep {
-            self.link.out = Vec::new();
+        if let Some(extra) = self.extra.as_deref_mut() {
+            if !extra.stash.is_pending() {
+                extra.stash = Stash::default();
+            }
+            let unused = extra.request.is_empty()
+                && extra.deferred.is_none()
+                && extra.stash.bytes.capacity() == 0
+                && extra.recv_buf.is_none();
+            if unused {
+                self.extra = None;
+                freed = true;
+            } else if extra.request.is_empty() {
+                extra.request = Vec::new();
+            }
         }
-        if !self.stash.is_pending() && self.stash.bytes.capacity() > keep {
-            self.stash = Stash::default();
-        }
+        freed
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::app::{App, DeferKey, Delivery, Session, Verdict};
 use super::config::millis;
-use super::conn::{Deferred, Phase, Recv, WsPart};
+use super::conn::{Deferred, Phase, Recv, WsPart, NO_DEADLINE};
 use super::fault;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
@@ -43,17 +43,18 @@ impl<A: App> Shard<A> {
         let res = cqe.result();
         if res > 0 {
             c.last_rx = now;
-            c.pinged_at = None;
+            c.pinged_at = 0;
             if let Some(guard) = guard.as_mut() {
                 core.on_received(slot, guard.bytes());
-            } else if let Some(mut buf) = c.recv_buf.take() {
+            } else if let Some(mut buf) = c.extra.as_mut().and_then(|e| e.recv_buf.take()) {
                 core.on_received(slot, buf.complete(cqe));
                 if let Some(c) = core.conns.at(slot) {
-                    c.recv_buf = Some(buf);
+                    c.extra().recv_buf = Some(buf);
                 }
             }
         } else {
-            if let Some(buf) = c.recv_buf.as_mut().filter(|b| b.in_flight()) {
+            let extra = c.extra.as_deref_mut();
+            if let Some(buf) = extra.and_then(|e| e.recv_buf.as_mut().filter(|b| b.in_flight())) {
                 buf.complete(cqe);
             }
             match -res {
@@ -63,7 +64,7 @@ impl<A: App> Shard<A> {
                     // settling ends the connection once both are done, bounded by the close
                     // timeout.
                     c.peer_eof = true;
-                    c.deadline.get_or_insert(now.saturating_add(core.close_ms));
+                    c.arm_deadline(now.saturating_add(core.close_ms));
                 }
                 libc::ENOBUFS => core.ctx.metrics.recv_buffers_exhausted += 1,
                 libc::ECANCELED => {} // settled below: re-armed if wanted
@@ -103,8 +104,7 @@ impl<A: App> Core<A> {
                 if outcome.peer_closed {
                     // close_notify: like a FIN, after everything it follows.
                     c.peer_eof = true;
-                    c.deadline
-                        .get_or_insert(self.now.saturating_add(self.close_ms));
+                    c.arm_deadline(self.now.saturating_add(self.close_ms));
                 }
             }
             Err(e) => {
@@ -112,12 +112,11 @@ impl<A: App> Core<A> {
                 // alert rustls queued, if any, and end the connection.
                 tls_failed(&mut self.ctx.metrics, self.ctx.shard, c.link.peer, &e);
                 plain.clear();
-                c.link.out.clear();
+                c.link.out().clear();
                 c.link.open = false;
                 c.peer_eof = true;
                 c.flush_then_close();
-                c.deadline
-                    .get_or_insert(self.now.saturating_add(self.close_ms));
+                c.arm_deadline(self.now.saturating_add(self.close_ms));
             }
         }
         self.ctx.touch(&mut c.link);
@@ -138,8 +137,8 @@ impl<A: App> Core<A> {
         let Some(c) = self.conns.at(slot) else {
             return;
         };
-        if c.over_mark || c.stash.is_pending() {
-            c.stash.bytes.extend_from_slice(data);
+        if c.over_mark || c.stash_pending() {
+            c.extra().stash.bytes.extend_from_slice(data);
             return;
         }
         self.on_bytes(slot, data);
@@ -160,23 +159,26 @@ impl<A: App> Core<A> {
             let Some(c) = self.conns.at(slot) else {
                 return;
             };
-            if !c.stash.is_pending() {
-                c.stash.pos = 0;
-                c.stash.bytes.clear();
+            if !c.stash_pending() {
+                if let Some(extra) = c.extra.as_deref_mut() {
+                    extra.stash.pos = 0;
+                    extra.stash.bytes.clear();
+                }
                 return;
             }
             if c.is_dead() || c.over_mark {
                 return;
             }
-            let mut bytes = std::mem::take(&mut c.stash.bytes);
-            let start = c.stash.pos;
+            let stash = &mut c.extra().stash;
+            let mut bytes = std::mem::take(&mut stash.bytes);
+            let start = stash.pos;
             let end = bytes.len().min(start + chunk);
-            c.stash.pos = end;
+            stash.pos = end;
             self.on_bytes(slot, &mut bytes[start..end]);
             let Some(c) = self.conns.at(slot) else {
                 return;
             };
-            c.stash.bytes = bytes;
+            c.extra().stash.bytes = bytes;
             if !c.over_mark && c.link.buffered() >= mark {
                 c.over_mark = true;
                 self.ctx.metrics.backpressure_entered += 1;
@@ -189,16 +191,18 @@ impl<A: App> Core<A> {
         let Some(c) = self.conns.at(slot) else {
             return;
         };
-        match &mut c.phase {
-            Phase::Handshake(_) => self.on_request_bytes(slot, data),
+        match c.phase {
+            Phase::Handshake => self.on_request_bytes(slot, data),
             Phase::Ws => self.on_frames(slot, data),
-            Phase::Deferred(deferred) => {
+            Phase::Deferred => {
                 // Frames before the 101 (a client should wait for it): kept for after the
                 // answer, within the request size limit.
-                if deferred.early.len() + data.len() > self.hs_limits.max_request_bytes {
-                    c.kill();
-                } else {
-                    deferred.early.extend_from_slice(data);
+                let limit = self.hs_limits.max_request_bytes;
+                match c.extra().deferred.as_mut() {
+                    Some(d) if d.early.len() + data.len() <= limit => {
+                        d.early.extend_from_slice(data)
+                    }
+                    _ => c.kill(),
                 }
             }
             // An HTTP answer or a refusal is being flushed, or the connection is closing:
@@ -214,10 +218,10 @@ impl<A: App> Core<A> {
         let Some(c) = self.conns.at(slot) else {
             return;
         };
-        let Phase::Handshake(request) = &mut c.phase else {
+        if c.phase != Phase::Handshake {
             return;
-        };
-        let mut buf = std::mem::take(request);
+        }
+        let mut buf = std::mem::take(&mut c.extra().request);
         buf.extend_from_slice(data);
         let mut start = 0;
         loop {
@@ -257,9 +261,10 @@ impl<A: App> Core<A> {
             let req = req.with_body(&buf[start + head..end]);
             let app = &*self.app;
             let keep_alive = !self.shutting_down && !req.wants_close();
-            let before = c.link.out.len();
+            let out = c.link.out();
+            let before = out.len();
             self.ctx.metrics.http_requests += 1;
-            let kept = match fault::guard(|| app.http(&req, keep_alive, &mut c.link.out)) {
+            let kept = match fault::guard(|| app.http(&req, keep_alive, out)) {
                 Ok(kept) => kept && keep_alive,
                 Err(message) => {
                     self.mailbox.count_panic();
@@ -269,8 +274,8 @@ impl<A: App> Core<A> {
                         callback = "on_http",
                         "handler panicked: {message}; answering 500"
                     );
-                    c.link.out.truncate(before);
-                    HttpError::InternalServerError.write_response(&mut c.link.out);
+                    c.link.out().truncate(before);
+                    HttpError::InternalServerError.write_response(c.link.out());
                     false
                 }
             };
@@ -281,10 +286,9 @@ impl<A: App> Core<A> {
             }
             // Waiting for the next request is bounded like the first one.
             c.kept_alive = true;
-            c.deadline = Some(
-                self.now
-                    .saturating_add(millis(self.config.timeouts.handshake)),
-            );
+            c.deadline = self
+                .now
+                .saturating_add(millis(self.config.timeouts.handshake));
             start = end;
             if c.link.buffered() >= self.ctx.limits.high_water_mark {
                 // Pipelined requests wait until the answers drain (`settle` resumes them).
@@ -295,7 +299,7 @@ impl<A: App> Core<A> {
         }
         buf.drain(..start);
         if let Some(c) = self.conns.at(slot) {
-            c.phase = Phase::Handshake(buf);
+            c.extra().request = buf;
         }
     }
 
@@ -311,7 +315,7 @@ impl<A: App> Core<A> {
             "{what}: {e}"
         );
         self.ctx.metrics.handshakes_failed.count(e.status());
-        e.write_response(&mut c.link.out);
+        e.write_response(c.link.out());
         c.flush_then_close();
         self.ctx.touch(&mut c.link);
     }
@@ -387,13 +391,14 @@ impl<A: App> Core<A> {
                 let status = response_status(&response);
                 tracing::debug!(shard = self.ctx.shard, peer = %c.link.peer, status, "upgrade refused");
                 self.ctx.metrics.handshakes_failed.count(status);
-                c.link.out.extend_from_slice(&response);
+                c.link.out().extend_from_slice(&response);
                 c.flush_then_close();
                 self.ctx.touch(&mut c.link);
                 return;
             }
             Verdict::Defer => {
-                c.phase = Phase::Deferred(Box::new(d));
+                c.phase = Phase::Deferred;
+                c.extra().deferred = Some(d);
                 return;
             }
         };
@@ -404,7 +409,7 @@ impl<A: App> Core<A> {
         } = d;
         let negotiated = negotiated.filter(|_| accept.compress);
         handshake::write_accept_with(
-            &mut c.link.out,
+            c.link.out(),
             &key,
             accept.protocol.as_deref(),
             negotiated.as_ref().map(|(_, header)| header.as_str()),
@@ -413,8 +418,9 @@ impl<A: App> Core<A> {
         self.ctx.metrics.upgrades += 1;
         let dcfg = &self.config.deflate;
         let codec = negotiated.map(|(params, _)| Deflate::new(params, dcfg));
-        c.link.compress = codec.is_some();
-        c.link.min_compress = dcfg.min_compress_size;
+        if codec.is_some() {
+            c.link.min_compress = dcfg.min_compress_size;
+        }
         c.ws = Some(WsPart {
             engine: Connection::new(self.proto_config, codec),
             state: accept.state,
@@ -423,7 +429,10 @@ impl<A: App> Core<A> {
         c.phase = Phase::Ws;
         c.link.open = true;
         // A FIN that came while the upgrade waited still bounds the connection.
-        c.deadline = c.peer_eof.then(|| self.now.saturating_add(self.close_ms));
+        c.deadline = match c.peer_eof {
+            true => self.now.saturating_add(self.close_ms),
+            false => NO_DEADLINE,
+        };
         c.last_rx = self.now;
         self.ctx.touch(&mut c.link);
         self.call(slot, "on_open", |app, session| app.open(session));
@@ -466,16 +475,13 @@ impl<A: App> Core<A> {
             let _ = fault::guard(move || drop(verdict));
             return;
         };
-        let Phase::Deferred(_) = c.phase else {
+        let deferred = c.extra.as_mut().and_then(|e| e.deferred.take());
+        let Some(deferred) = deferred.filter(|_| c.phase == Phase::Deferred) else {
             let _ = fault::guard(move || drop(verdict));
             return;
         };
-        let Phase::Deferred(deferred) =
-            std::mem::replace(&mut c.phase, Phase::Handshake(Vec::new()))
-        else {
-            return;
-        };
-        self.decide(id.slot, *verdict, *deferred);
+        c.phase = Phase::Handshake;
+        self.decide(id.slot, *verdict, deferred);
     }
 
     /// Frames: through the engine, each event to the application. Data that arrives after
@@ -504,7 +510,7 @@ impl<A: App> Core<A> {
                 state,
                 poisoned,
             } = ws;
-            let progress = engine.handle_read(&mut data[pos..], &mut c.link.out);
+            let progress = engine.handle_read(&mut data[pos..], c.link.out());
             pos += progress.consumed;
             let Some(event) = progress.event else { break };
             let compressed = progress.compressed;

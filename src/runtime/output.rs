@@ -4,6 +4,8 @@
 //! reading, `on_drain`, feeding back stashed input), the end of a connection whose peer
 //! finished, and freeing connections with no operation left in flight.
 
+use std::os::fd::AsRawFd;
+
 use super::app::App;
 use super::conn::{Phase, Recv};
 use super::shard::Shard;
@@ -52,13 +54,19 @@ impl<A: App> Shard<A> {
             return;
         }
         // One send per connection per batch; on TLS, the output encrypted as a whole first.
-        if !c.send.in_flight() {
-            if c.send.remaining() == 0 {
+        let output = match c.tls {
+            // TLS may have records of its own to send (handshake, alerts, close_notify).
+            Some(_) => Some(c.link.output.get_or_insert_with(Box::default)),
+            None => c.link.output.as_mut(),
+        };
+        if let Some(output) = output.filter(|o| !o.send.in_flight()) {
+            let send = &mut output.send;
+            if send.remaining() == 0 {
                 match c.tls.as_mut() {
-                    None if !c.link.out.is_empty() => c.send.load(&mut c.link.out),
+                    None if !output.corked.is_empty() => send.load(&mut output.corked),
                     None => {}
                     Some(tls) => {
-                        if let Err(e) = tls.encrypt(&mut c.link.out) {
+                        if let Err(e) = tls.encrypt(&mut output.corked) {
                             let metrics = &mut core.ctx.metrics;
                             super::tls::tls_failed(metrics, core.ctx.shard, c.link.peer, &e);
                             c.kill();
@@ -66,21 +74,20 @@ impl<A: App> Shard<A> {
                             return;
                         }
                         if tls.has_output() {
-                            c.send.load(tls.outgoing());
+                            send.load(tls.outgoing());
                         }
                     }
                 }
             }
-            if c.send.remaining() > 0 {
+            if send.remaining() > 0 {
                 let token = Token::conn(Op::Send, id).raw();
-                if let Err(e) = ring.send(c.fd(), &mut c.send, token) {
+                if let Err(e) = ring.send(c.socket.as_raw_fd(), send, token) {
                     tracing::warn!(shard = core.ctx.shard, peer = %c.link.peer, error = %e, "cannot submit a send");
                     c.kill();
                     core.ctx.touch(&mut c.link);
                     return;
                 }
             }
-            c.link.in_flight = c.send.remaining();
         }
         if matches!(c.phase, Phase::Flushing) && c.is_flushed() {
             if let Some(tls) = c.tls.as_mut().filter(|t| t.established() && !t.notified()) {
@@ -97,7 +104,7 @@ impl<A: App> Shard<A> {
             // RFC 6455 §7.1.1: the server closes TCP first; half-close and wait for the FIN.
             sys::shutdown(c.fd(), true);
             c.phase = Phase::HalfClosed;
-            c.deadline = Some(now.saturating_add(core.close_ms));
+            c.deadline = now.saturating_add(core.close_ms);
         }
         // Backpressure.
         let buffered = c.link.buffered();
@@ -105,7 +112,8 @@ impl<A: App> Shard<A> {
         if c.over_mark && buffered < mark {
             c.over_mark = false;
             core.ctx.metrics.backpressure_drained += 1;
-            if matches!(&c.phase, Phase::Handshake(held) if !held.is_empty()) {
+            let held = c.extra.as_ref().is_some_and(|e| !e.request.is_empty());
+            if c.phase == Phase::Handshake && held {
                 // Pipelined HTTP requests held back over the mark.
                 core.on_request_bytes(slot, &[]);
             } else {
@@ -118,13 +126,13 @@ impl<A: App> Shard<A> {
         let Some(c) = core.conns.at(slot) else {
             return;
         };
-        if !c.over_mark && c.stash.is_pending() {
+        if !c.over_mark && c.stash_pending() {
             core.feed_stash(slot);
         }
         let Some(c) = core.conns.at(slot) else {
             return;
         };
-        let stashed = c.stash.is_pending();
+        let stashed = c.stash_pending();
         if c.peer_eof && !stashed && c.is_flushed() {
             // The peer's FIN, and everything received before it was processed and every reply
             // written (after a closing handshake, or without one: 1006): nothing is lost by
@@ -149,6 +157,8 @@ impl<A: App> Shard<A> {
                     let size = core.config.buffers.recv_buffer_size;
                     let fd = c.fd();
                     let buf = c
+                        .extra
+                        .get_or_insert_with(Box::default)
                         .recv_buf
                         .get_or_insert_with(|| super::ring::RecvBuf::new(size));
                     ring.recv(fd, buf, token)

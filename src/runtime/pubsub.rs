@@ -60,7 +60,8 @@ impl Topics {
 
     /// Subscribes `link`'s connection; `false` if it already was.
     pub fn subscribe(&mut self, link: &mut Link, topic: &str) -> bool {
-        if link.topics.iter().any(|t| &**t == topic) {
+        let linked = link.extra.as_ref().map_or(&[][..], |e| &e.topics[..]);
+        if linked.iter().any(|t| &**t == topic) {
             return false;
         }
         let key = self.key(topic);
@@ -71,23 +72,29 @@ impl Topics {
                 uplink.joined(self.shard, &key);
             }
         }
-        link.topics.push(key);
+        link.extra().topics.push(key);
         true
     }
 
     /// Unsubscribes `link`'s connection; `false` if it was not subscribed.
     pub fn unsubscribe(&mut self, link: &mut Link, topic: &str) -> bool {
-        let Some(index) = link.topics.iter().position(|t| &**t == topic) else {
+        let Some(extra) = link.extra.as_deref_mut() else {
             return false;
         };
-        let key = link.topics.swap_remove(index);
+        let Some(index) = extra.topics.iter().position(|t| &**t == topic) else {
+            return false;
+        };
+        let key = extra.topics.swap_remove(index);
         self.remove(&key, link.id);
         true
     }
 
     /// Unsubscribes a closing connection from all its topics.
     pub fn remove_all(&mut self, link: &mut Link) {
-        for topic in std::mem::take(&mut link.topics) {
+        let Some(extra) = link.extra.as_deref_mut() else {
+            return;
+        };
+        for topic in std::mem::take(&mut extra.topics) {
             self.remove(&topic, link.id);
         }
     }
@@ -134,7 +141,7 @@ pub(crate) fn fan_out<S>(
             skipped += 1;
             return;
         }
-        link.out.extend_from_slice(frame);
+        link.out().extend_from_slice(frame);
         delivered += 1;
         if !link.touched {
             link.touched = true;

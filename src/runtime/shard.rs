@@ -72,6 +72,11 @@ pub(crate) struct Core<A: App> {
     pub multishot_recv: bool,
     /// Send and stash vectors above this size are freed when quiet.
     pub keep_capacity: usize,
+    /// Connections that gave memory back (shrunk by the sweep, or freed) since the heap was
+    /// last trimmed.
+    pub gave_back: u64,
+    /// When the heap was last trimmed (ms).
+    pub trimmed_at: u64,
 }
 
 /// A listening socket a shard accepts from, and whether its connections speak TLS.
@@ -185,6 +190,8 @@ impl<A: App> Shard<A> {
             shutdown_deadline: 0,
             multishot_recv: ready.multishot_recv,
             keep_capacity: 64 * 1024,
+            gave_back: 0,
+            trimmed_at: 0,
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -338,7 +345,9 @@ impl<A: App> Shard<A> {
                 }
                 Some(Op::Send) => {
                     if let Some(c) = self.core.conns.by_token(token) {
-                        c.send.complete(cqe, 0);
+                        if let Some(output) = c.link.output.as_deref_mut() {
+                            output.send.complete(cqe, 0);
+                        }
                     }
                 }
                 Some(Op::Recv) => {
@@ -347,7 +356,9 @@ impl<A: App> Shard<A> {
                         if !cqe.more() {
                             c.recv = Recv::Idle;
                         }
-                        if let Some(buf) = c.recv_buf.as_mut().filter(|b| b.in_flight()) {
+                        let extra = c.extra.as_deref_mut();
+                        let buf = extra.and_then(|e| e.recv_buf.as_mut());
+                        if let Some(buf) = buf.filter(|b| b.in_flight()) {
                             buf.complete(cqe);
                         }
                     }
@@ -555,7 +566,8 @@ impl<A: App> Shard<A> {
             let Some(c) = core.conns.at(slot) else {
                 continue;
             };
-            match &c.phase {
+            let request = c.extra.as_ref().map_or(0, |e| e.request.len());
+            match c.phase {
                 Phase::Ws => {
                     c.start_close(CloseCode::GOING_AWAY, "server shutting down", now, close_ms);
                     core.ctx.touch(&mut c.link);
@@ -563,8 +575,8 @@ impl<A: App> Shard<A> {
                 // An HTTP keep-alive connection between requests: idle ones are closed (HTTP
                 // clients retry on a connection closed while idle); answers still queued are
                 // written first.
-                Phase::Handshake(request) if c.kept_alive && request.is_empty() => {
-                    if c.is_flushed() && !c.stash.is_pending() {
+                Phase::Handshake if c.kept_alive && request == 0 => {
+                    if c.is_flushed() && !c.stash_pending() {
                         c.kill();
                     } else {
                         c.flush_then_close();
@@ -611,7 +623,7 @@ impl<A: App> Core<A> {
             let phase = if reject {
                 Phase::Flushing
             } else {
-                Phase::Handshake(Vec::new())
+                Phase::Handshake
             };
             let mut conn = Conn::new(
                 socket,
@@ -627,7 +639,7 @@ impl<A: App> Core<A> {
         if reject {
             self.ctx.metrics.refused_at_limit += 1;
             tracing::debug!(shard = self.ctx.shard, %peer, "connection limit reached: 503");
-            handshake::HttpError::ServiceUnavailable.write_response(&mut c.link.out);
+            handshake::HttpError::ServiceUnavailable.write_response(c.link.out());
         }
         self.ctx.touch(&mut c.link);
     }
@@ -654,8 +666,11 @@ impl<A: App> Core<A> {
         };
         // Large vectors are kept while the connection is busy; the sweep frees them once it
         // is quiet (see `Conn::shrink`).
-        let res = c.send.complete(cqe, usize::MAX);
-        c.link.in_flight = c.send.remaining();
+        let Some(output) = c.link.output.as_deref_mut() else {
+            return;
+        };
+        let res = output.send.complete(cqe, usize::MAX);
+        let unsent = output.send.remaining();
         if res < 0 && !c.is_dead() {
             tracing::debug!(
                 peer = %c.link.peer,
@@ -663,7 +678,7 @@ impl<A: App> Core<A> {
                 "send failed"
             );
             c.kill();
-        } else if res == 0 && c.send.remaining() > 0 {
+        } else if res == 0 && unsent > 0 {
             c.kill();
         }
         self.ctx.touch(&mut c.link);
@@ -705,8 +720,9 @@ impl<A: App> Core<A> {
         let Some(mut c) = self.conns.remove(slot) else {
             return;
         };
+        self.gave_back += 1;
         c.link.open = false;
-        if let Some(gone) = &c.link.gone {
+        if let Some(gone) = c.link.extra.as_ref().and_then(|e| e.gone.as_ref()) {
             gone.store(true, std::sync::atomic::Ordering::Release);
         }
         if let Some(mut ws) = c.ws.take() {
@@ -738,7 +754,9 @@ impl<A: App> Core<A> {
             }
         }
         self.ctx.topics.remove_all(&mut c.link);
-        c.send.discard();
+        if let Some(output) = c.link.output.as_deref_mut() {
+            output.send.discard();
+        }
         // Dropping `c` closes the socket.
     }
 
@@ -819,7 +837,9 @@ pub(super) fn handler_panicked<S>(
     if let Some(ws) = c.ws.as_mut() {
         ws.poisoned = true;
     }
-    c.link.deferred.clear();
-    c.link.deferred_msgs.clear();
+    if let Some(extra) = c.link.extra.as_deref_mut() {
+        extra.deferred.clear();
+        extra.deferred_msgs.clear();
+    }
     c.start_close(CloseCode::INTERNAL, "internal error", now, close_ms);
 }

@@ -7,10 +7,18 @@ use super::app::App;
 use super::config::millis;
 use super::conn::Conn;
 use super::shard::Shard;
+use super::sys;
 use crate::proto::{self, CloseCode, OpCode};
 
-/// A connection with nothing received for this long gives back its large buffers.
+/// A connection with nothing received for this long gives back what it allocated on demand.
 const SHRINK_AFTER_MS: u64 = 1000;
+
+/// After this many connections gave memory back, the heap is trimmed (at most once a
+/// second), so the memory reaches the kernel.
+const TRIM_AFTER: u64 = 64;
+
+/// The least time between two heap trims.
+const TRIM_EVERY_MS: u64 = 1000;
 
 impl<A: App> Shard<A> {
     /// The sweep.
@@ -31,14 +39,14 @@ impl<A: App> Shard<A> {
             if c.is_dead() {
                 continue;
             }
-            if force || c.deadline.is_some_and(|at| now >= at) {
+            if force || now >= c.deadline {
                 tracing::debug!(shard = core.ctx.shard, peer = %c.link.peer, "connection timed out");
                 c.kill();
                 core.ctx.touch(&mut c.link);
                 continue;
             }
-            if now.saturating_sub(c.last_rx) >= SHRINK_AFTER_MS {
-                c.shrink(keep);
+            if now.saturating_sub(c.last_rx) >= SHRINK_AFTER_MS && c.shrink(keep) {
+                core.gave_back += 1;
             }
             if let Some(idle) = idle.filter(|_| c.link.open) {
                 let pinged = c.pinged_at;
@@ -50,6 +58,11 @@ impl<A: App> Shard<A> {
                 }
             }
         }
+        if core.gave_back >= TRIM_AFTER && now >= core.trimmed_at.saturating_add(TRIM_EVERY_MS) {
+            sys::trim_heap();
+            core.gave_back = 0;
+            core.trimmed_at = now;
+        }
     }
 }
 
@@ -58,14 +71,15 @@ impl<A: App> Shard<A> {
 fn idle_expired<S>(c: &mut Conn<S>, idle: u64, auto_ping: bool, now: u64) -> bool {
     let quiet = now.saturating_sub(c.last_rx);
     match (auto_ping, c.pinged_at) {
-        (true, Some(at)) => now.saturating_sub(at) >= idle - idle / 2,
-        (true, None) => {
+        (true, 0) => {
             if quiet >= idle / 2 {
-                c.pinged_at = Some(now);
-                proto::encode_frame(&mut c.link.out, true, false, OpCode::Ping, b"");
+                // Never 0, which means "not pinged".
+                c.pinged_at = now.max(1);
+                proto::encode_frame(c.link.out(), true, false, OpCode::Ping, b"");
             }
             false
         }
+        (true, at) => now.saturating_sub(at) >= idle - idle / 2,
         (false, _) => quiet >= idle,
     }
 }
