@@ -167,6 +167,11 @@ pub(crate) struct Link {
 pub(crate) struct Output {
     /// Corked frames, written once per batch.
     pub corked: Vec<u8>,
+    /// Frames shared with other connections (publications), queued by reference: each goes
+    /// out after `corked[..offset]`.
+    pub shared: Vec<(usize, Bytes)>,
+    /// The bytes of `shared`.
+    pub shared_len: usize,
     /// The bytes on their way to the socket.
     pub send: SendBuf,
 }
@@ -174,12 +179,33 @@ pub(crate) struct Output {
 impl Output {
     /// Bytes queued and not yet written.
     pub fn buffered(&self) -> usize {
-        self.corked.len() + self.send.remaining()
+        self.corked.len() + self.shared_len + self.send.remaining()
     }
 
     /// Whether nothing is queued, loaded or in flight.
     pub fn is_idle(&self) -> bool {
-        self.corked.is_empty() && self.send.is_idle()
+        self.corked.is_empty() && self.shared.is_empty() && self.send.is_idle()
+    }
+
+    /// Whether frames wait to be loaded into the send.
+    pub fn has_queued(&self) -> bool {
+        !self.corked.is_empty() || !self.shared.is_empty()
+    }
+
+    /// Queues a frame shared with other connections, by reference.
+    pub fn share(&mut self, frame: &Bytes) {
+        self.shared.push((self.corked.len(), frame.clone()));
+        self.shared_len += frame.len();
+    }
+
+    /// Loads the queued frames into the send (which must be idle).
+    pub fn load(&mut self) {
+        if self.shared.is_empty() {
+            self.send.load(&mut self.corked);
+        } else {
+            self.send.load_shared(&mut self.corked, &mut self.shared);
+            self.shared_len = 0;
+        }
     }
 }
 

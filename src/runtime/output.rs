@@ -60,12 +60,13 @@ impl<A: App> Shard<A> {
             None => c.link.output.as_mut(),
         };
         if let Some(output) = output.filter(|o| !o.send.in_flight()) {
-            let send = &mut output.send;
-            if send.remaining() == 0 {
+            if output.send.remaining() == 0 {
                 match c.tls.as_mut() {
-                    None if !output.corked.is_empty() => send.load(&mut output.corked),
+                    None if output.has_queued() => output.load(),
                     None => {}
                     Some(tls) => {
+                        // Frames are never shared with a TLS connection (see `fan_out`).
+                        debug_assert!(output.shared.is_empty());
                         if let Err(e) = tls.encrypt(&mut output.corked) {
                             let metrics = &mut core.ctx.metrics;
                             super::tls::tls_failed(metrics, core.ctx.shard, c.link.peer, &e);
@@ -74,11 +75,12 @@ impl<A: App> Shard<A> {
                             return;
                         }
                         if tls.has_output() {
-                            send.load(tls.outgoing());
+                            output.send.load(tls.outgoing());
                         }
                     }
                 }
             }
+            let send = &mut output.send;
             if send.remaining() > 0 {
                 let token = Token::conn(Op::Send, id).raw();
                 if let Err(e) = ring.send(c.socket.as_raw_fd(), send, token) {

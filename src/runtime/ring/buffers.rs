@@ -7,26 +7,50 @@
 
 use std::ptr::NonNull;
 
+use bytes::Bytes;
 use io_uring::types::Timespec;
 
 use super::Cqe;
 
 /// Bytes on their way to a socket. [`SendBuf::load`] takes a connection's corked output by
-/// swapping vectors (no copy); once submitted the bytes stay untouched until the send's own
-/// completion is handed to [`SendBuf::complete`].
+/// swapping vectors (no copy); [`SendBuf::load_shared`] also takes frames shared with other
+/// connections (a publication), sent from where they are with a vectored send. Once
+/// submitted the bytes stay untouched until the send's own completion is handed to
+/// [`SendBuf::complete`].
 #[derive(Default)]
 pub(crate) struct SendBuf {
     pub(super) data: Vec<u8>,
+    /// Shared frames, each sent after `data[..offset]`, in order.
+    pub(super) shared: Vec<(usize, Bytes)>,
+    /// Bytes of `data` and `shared` together.
+    pub(super) total: usize,
+    /// Bytes of `data` and `shared` written.
     pub(super) pos: usize,
+    /// The message header and I/O vectors of a vectored send (made on the first one).
+    pub(super) vectored: Option<Box<Vectored>>,
     pub(super) in_flight: bool,
     /// The `user_data` of the send in flight.
     pub(super) user_data: u64,
 }
 
+/// What a vectored send lends the kernel besides the bytes: the `msghdr` and its vectors.
+pub(crate) struct Vectored {
+    pub(super) msg: libc::msghdr,
+    pub(super) iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers in `msghdr` and `iovec` point into the `SendBuf` that owns this
+// (its vectors and shared frames, all `Send`); they are only read by the kernel for that
+// buffer's send, on the thread that owns the buffer.
+unsafe impl Send for Vectored {}
+
+/// The most vectors one send takes (the kernel's `UIO_MAXIOV`); the rest goes in the next.
+const MAX_IOV: usize = 1024;
+
 impl SendBuf {
     /// Whether everything loaded was written (nothing to send, nothing in flight).
     pub fn is_idle(&self) -> bool {
-        !self.in_flight && self.pos == self.data.len()
+        !self.in_flight && self.pos == self.total
     }
 
     /// Whether a send is in flight.
@@ -36,7 +60,7 @@ impl SendBuf {
 
     /// Bytes loaded but not yet written.
     pub fn remaining(&self) -> usize {
-        self.data.len() - self.pos
+        self.total - self.pos
     }
 
     /// Takes `out` (swapping vectors, so both keep their capacity); `out` is left empty.
@@ -46,13 +70,74 @@ impl SendBuf {
     pub fn load(&mut self, out: &mut Vec<u8>) {
         assert!(self.is_idle(), "send buffer loaded while busy");
         self.data.clear();
+        self.shared.clear();
         std::mem::swap(&mut self.data, out);
         self.pos = 0;
+        self.total = self.data.len();
+    }
+
+    /// Takes `out` and the frames `shared` places in it (each after `out[..offset]`, offsets
+    /// in order); both are left empty.
+    ///
+    /// # Panics
+    /// If this buffer still holds unsent bytes (a driver bug).
+    pub fn load_shared(&mut self, out: &mut Vec<u8>, shared: &mut Vec<(usize, Bytes)>) {
+        self.load(out);
+        std::mem::swap(&mut self.shared, shared);
+        self.total += self
+            .shared
+            .iter()
+            .map(|(_, frame)| frame.len())
+            .sum::<usize>();
+    }
+
+    /// Whether the unsent bytes include shared frames (then the send is vectored).
+    pub(super) fn is_vectored(&self) -> bool {
+        !self.shared.is_empty()
+    }
+
+    /// Fills the I/O vectors with the unsent bytes (at most [`MAX_IOV`] pieces) and returns
+    /// the message header that names them.
+    pub(super) fn prepare_vectored(&mut self) -> *const libc::msghdr {
+        let vectored = self.vectored.get_or_insert_with(|| {
+            Box::new(Vectored {
+                // SAFETY: msghdr is plain data; all zeroes is a valid empty header.
+                msg: unsafe { std::mem::zeroed() },
+                iov: Vec::new(),
+            })
+        });
+        let iov = &mut vectored.iov;
+        iov.clear();
+        let mut skip = self.pos;
+        let mut push = |piece: &[u8]| {
+            if skip >= piece.len() {
+                skip -= piece.len();
+                return;
+            }
+            let piece = &piece[skip..];
+            skip = 0;
+            if iov.len() < MAX_IOV {
+                iov.push(libc::iovec {
+                    iov_base: piece.as_ptr().cast_mut().cast(),
+                    iov_len: piece.len(),
+                });
+            }
+        };
+        let mut from = 0;
+        for (offset, frame) in &self.shared {
+            push(&self.data[from..*offset]);
+            push(frame);
+            from = *offset;
+        }
+        push(&self.data[from..]);
+        vectored.msg.msg_iov = iov.as_mut_ptr();
+        vectored.msg.msg_iovlen = iov.len();
+        &vectored.msg
     }
 
     /// Checks the send back in with its completion and returns the result (bytes written or
-    /// `-errno`). Once all bytes are out the vector is cleared, and dropped if it grew past
-    /// `keep` bytes.
+    /// `-errno`). Once all bytes are out the vectors are cleared (the shared frames released),
+    /// and the owned one dropped if it grew past `keep` bytes.
     ///
     /// # Panics
     /// If `cqe` is not the completion of this buffer's send in flight (a driver bug).
@@ -63,10 +148,12 @@ impl SendBuf {
         );
         self.in_flight = false;
         let written = usize::try_from(cqe.result).unwrap_or(0);
-        self.pos = self.pos.saturating_add(written).min(self.data.len());
-        if self.pos == self.data.len() {
+        self.pos = self.pos.saturating_add(written).min(self.total);
+        if self.pos == self.total {
             self.data.clear();
+            self.shared.clear();
             self.pos = 0;
+            self.total = 0;
             if self.data.capacity() > keep {
                 self.data = Vec::new();
             }
@@ -74,12 +161,16 @@ impl SendBuf {
         cqe.result
     }
 
-    /// Frees the vector if nothing is loaded and it grew past `keep` bytes. Called for quiet
-    /// connections only: between the messages of a busy one the vector is kept, so a stream
-    /// of large messages does not fault in a fresh buffer for each.
+    /// Frees the vectors if nothing is loaded and they grew past `keep` bytes. Called for
+    /// quiet connections only: between the messages of a busy one the vector is kept, so a
+    /// stream of large messages does not fault in a fresh buffer for each.
     pub fn shrink(&mut self, keep: usize) {
-        if self.is_idle() && self.data.capacity() > keep {
-            self.data = Vec::new();
+        if self.is_idle() {
+            if self.data.capacity() > keep {
+                self.data = Vec::new();
+            }
+            self.shared = Vec::new();
+            self.vectored = None;
         }
     }
 
@@ -87,7 +178,9 @@ impl SendBuf {
     pub fn discard(&mut self) {
         if !self.in_flight {
             self.data.clear();
+            self.shared.clear();
             self.pos = 0;
+            self.total = 0;
         }
     }
 }
@@ -95,8 +188,10 @@ impl SendBuf {
 impl Drop for SendBuf {
     fn drop(&mut self) {
         if self.in_flight {
-            // The kernel may still read it: leak instead of freeing.
+            // The kernel may still read them: leak instead of freeing.
             std::mem::forget(std::mem::take(&mut self.data));
+            std::mem::forget(std::mem::take(&mut self.shared));
+            std::mem::forget(self.vectored.take());
         }
     }
 }

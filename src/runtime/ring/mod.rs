@@ -336,16 +336,25 @@ impl Ring {
     /// If `buf` is already in flight or has nothing to send (driver bugs).
     pub fn send(&mut self, fd: RawFd, buf: &mut SendBuf, user_data: u64) -> io::Result<()> {
         assert!(!buf.in_flight && buf.remaining() > 0, "bad send submission");
-        let unsent = &buf.data[buf.pos..];
-        let len = u32::try_from(unsent.len()).unwrap_or(u32::MAX);
-        let e = opcode::Send::new(Fd(fd), unsent.as_ptr(), len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        let e = if buf.is_vectored() {
+            let msg = buf.prepare_vectored();
+            opcode::SendMsg::new(Fd(fd), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        } else {
+            let unsent = &buf.data[buf.pos..];
+            let len = u32::try_from(unsent.len()).unwrap_or(u32::MAX);
+            opcode::Send::new(Fd(fd), unsent.as_ptr(), len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        };
         buf.in_flight = true;
         buf.user_data = user_data;
-        // SAFETY: `unsent` is inside `buf.data`, owned by `buf` and now marked in flight:
-        // SendBuf does not touch the vector until this send's completion checks it in, and
-        // leaks it if dropped before.
+        // SAFETY: the bytes sent are inside `buf.data` and `buf.shared` (frames held by
+        // reference), and a vectored send's header and vectors inside `buf.vectored`: all
+        // owned by `buf` (heap allocations that do not move with it) and now marked in
+        // flight. SendBuf does not touch them until this send's completion checks it in, and
+        // leaks them if dropped before.
         unsafe { self.push(e.user_data(user_data)) }.inspect_err(|_| buf.in_flight = false)
     }
 
@@ -546,6 +555,54 @@ mod tests {
         assert_eq!(got, expected);
         crate::runtime::sys::close(a);
         crate::runtime::sys::close(b);
+    }
+
+    #[test]
+    fn vectored_sends_write_owned_bytes_and_shared_frames_in_order() {
+        let mut ring = Ring::new(8).unwrap();
+        let (a, b) = socketpair();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 65536];
+            loop {
+                // SAFETY: reads into `buf`, which outlives the call.
+                let n = unsafe { libc::read(b, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break got;
+                }
+                got.extend_from_slice(&buf[..n as usize]);
+            }
+        });
+        // 3,001 pieces, more than one send takes (1,024 vectors): owned bytes between shared
+        // frames, ending with owned bytes.
+        let frame = bytes::Bytes::from(vec![0xAB; 1000]);
+        let (mut out, mut shared, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..1500u32 {
+            out.extend_from_slice(&i.to_be_bytes()[1..]);
+            expected.extend_from_slice(&i.to_be_bytes()[1..]);
+            shared.push((out.len(), frame.clone()));
+            expected.extend_from_slice(&frame);
+        }
+        out.extend_from_slice(b"end");
+        expected.extend_from_slice(b"end");
+        let mut send = SendBuf::default();
+        send.load_shared(&mut out, &mut shared);
+        assert!(out.is_empty() && shared.is_empty());
+        assert_eq!(send.remaining(), expected.len());
+        let mut sends = 0;
+        while send.remaining() > 0 {
+            ring.send(a, &mut send, 2).unwrap();
+            let cqe = wait_for(&mut ring, 2);
+            assert!(cqe.result() > 0, "send failed: {}", cqe.result());
+            send.complete(cqe, 1 << 16);
+            sends += 1;
+        }
+        assert!(sends >= 3, "{sends} sends for 3,001 pieces");
+        assert!(send.is_idle() && send.shared.is_empty(), "frames released");
+        crate::runtime::sys::close(a);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes out of order");
     }
 
     #[test]
