@@ -584,6 +584,35 @@ impl Connection {
         freed
     }
 
+    /// Takes the buffer that holds the message the last event lent out (one reassembled or
+    /// inflated; not one handed out in place from the input), with its allocation: the
+    /// caller may send it on without copying. `None` if the last event lent no buffer.
+    pub fn take_lent_message(&mut self) -> Option<Vec<u8>> {
+        if !self.lent {
+            return None;
+        }
+        let spill = self.spill.as_deref_mut()?;
+        self.lent = false;
+        // A compressed message was inflated from the reassembled input.
+        let message = if spill.inflated.is_empty() {
+            spill.reassembly.take_bytes()
+        } else {
+            spill.reassembly.clear();
+            spill.inflated.take_bytes()
+        };
+        Some(message)
+    }
+
+    /// Gives a buffer back for reassembling messages (one taken by
+    /// [`Connection::take_lent_message`] and written out): it is kept if the reassembly buffer
+    /// is empty and smaller, so the next large message needs no fresh allocation.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        if self.lent {
+            return;
+        }
+        spill(&mut self.spill).reassembly.adopt(buffer);
+    }
+
     /// Whether the buffers for input that spans reads are allocated (they are freed by
     /// [`Connection::shrink_buffers`] when nothing needs them).
     pub fn has_spill(&self) -> bool {

@@ -314,6 +314,25 @@ impl Utf8Buf {
         self.bytes.reserve(additional);
     }
 
+    /// Takes the bytes out (with their allocation), leaving it empty and without one.
+    pub fn take_bytes(&mut self) -> Vec<u8> {
+        let bytes = std::mem::take(&mut self.bytes);
+        self.clear();
+        bytes
+    }
+
+    /// Uses `buffer`'s allocation from now on (its contents are dropped), if it is empty and
+    /// `buffer` is larger than its own; returns whether it did.
+    pub fn adopt(&mut self, mut buffer: Vec<u8>) -> bool {
+        if !self.bytes.is_empty() || buffer.capacity() <= self.bytes.capacity() {
+            return false;
+        }
+        buffer.clear();
+        self.bytes = buffer;
+        self.clear();
+        true
+    }
+
     /// Empties it (keeping its capacity), ready for the next message.
     pub fn clear(&mut self) {
         self.bytes.clear();

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::command::{Command, Mailbox, Posted};
 use super::metrics::Metrics;
 use super::pubsub::{Topics, Uplink};
-use super::ring::SendBuf;
+use super::ring::{Piece, SendBuf};
 use super::slab::ConnId;
 use crate::proto::handshake::Request;
 use crate::proto::{encode_frame, CloseCode, Connection, OpCode};
@@ -157,6 +157,9 @@ pub(crate) struct Link {
     pub notified: bool,
     /// The connection is on the shard's list to settle after this batch.
     pub touched: bool,
+    /// Output may include pieces sent from where they are (not on TLS, which encrypts its
+    /// own stream).
+    pub shares: bool,
     /// What few connections use: subscriptions, handles, a requested close, deferred
     /// compressed sends.
     pub extra: Option<Box<LinkExtra>>,
@@ -167,10 +170,11 @@ pub(crate) struct Link {
 pub(crate) struct Output {
     /// Corked frames, written once per batch.
     pub corked: Vec<u8>,
-    /// Frames shared with other connections (publications), queued by reference: each goes
-    /// out after `corked[..offset]`.
-    pub shared: Vec<(usize, Bytes)>,
-    /// The bytes of `shared`.
+    /// Pieces sent from where they are: frames shared with other connections (publications)
+    /// and a received message sent on as it is. Each goes out after `corked[..offset]`.
+    pub shared: Vec<(usize, Piece)>,
+    /// The bytes of `shared`, and of a lent message announced but not yet placed
+    /// ([`Output::lend`]).
     pub shared_len: usize,
     /// The bytes on their way to the socket.
     pub send: SendBuf,
@@ -194,8 +198,16 @@ impl Output {
 
     /// Queues a frame shared with other connections, by reference.
     pub fn share(&mut self, frame: &Bytes) {
-        self.shared.push((self.corked.len(), frame.clone()));
+        self.shared
+            .push((self.corked.len(), Piece::Shared(frame.clone())));
         self.shared_len += frame.len();
+    }
+
+    /// Places a lent message at `offset` of the corked bytes, where its frame header ends.
+    /// Its length was counted in `shared_len` when the header was written.
+    pub fn lend(&mut self, offset: usize, message: Vec<u8>) {
+        debug_assert!(self.shared.last().map_or(true, |(at, _)| *at <= offset));
+        self.shared.push((offset, Piece::Lent(message)));
     }
 
     /// Loads the queued frames into the send (which must be idle).
@@ -203,7 +215,7 @@ impl Output {
         if self.shared.is_empty() {
             self.send.load(&mut self.corked);
         } else {
-            self.send.load_shared(&mut self.corked, &mut self.shared);
+            self.send.load_pieces(&mut self.corked, &mut self.shared);
             self.shared_len = 0;
         }
     }
@@ -249,6 +261,7 @@ impl Link {
             open: false,
             notified: false,
             touched: false,
+            shares: true,
             extra: None,
         }
     }
@@ -321,6 +334,29 @@ pub(crate) struct SendLimits {
     pub max_buffered: usize,
 }
 
+/// Messages at least this long that were reassembled (or inflated) are sent on without a
+/// copy when a callback sends the message it was handed: its buffer goes to the output
+/// whole and comes back to the engine once written. Shorter ones are copied.
+pub(crate) const LEND_FROM: usize = 64 * 1024;
+
+/// The message being delivered, when it sits in a buffer of the engine's that may be sent on
+/// as it is (see [`LEND_FROM`]).
+#[derive(Default)]
+pub(crate) struct LentMessage {
+    /// The message's address and length, while its delivery runs and until it is sent.
+    pub at: Option<(usize, usize)>,
+    /// Where its frame header ends in the corked output, once it was sent.
+    pub offset: Option<usize>,
+}
+
+impl LentMessage {
+    /// Whether `payload` is the lent message itself.
+    #[inline]
+    fn is(&self, payload: &[u8]) -> bool {
+        self.at == Some((payload.as_ptr() as usize, payload.len()))
+    }
+}
+
 /// Shard-wide state a [`Session`] may reach.
 pub(crate) struct Ctx {
     /// The shard's index.
@@ -337,6 +373,8 @@ pub(crate) struct Ctx {
     pub touched: Vec<u32>,
     /// The shard's counters.
     pub metrics: Metrics,
+    /// The message being delivered, if it may be sent on without a copy.
+    pub lent: LentMessage,
 }
 
 impl Ctx {
@@ -565,7 +603,11 @@ pub(crate) fn send_counted(
     allow_compress: bool,
     ctx: &mut Ctx,
 ) -> SendStatus {
-    let status = queue_message(link, engine, opcode, payload, allow_compress, &ctx.limits);
+    let status = if ctx.lent.is(payload) && engine.is_none() {
+        send_lent(link, opcode, payload, allow_compress, ctx)
+    } else {
+        queue_message(link, engine, opcode, payload, allow_compress, &ctx.limits)
+    };
     let (metrics, len) = (&mut ctx.metrics, payload.len());
     match status {
         SendStatus::Queued | SendStatus::Backpressure => {
@@ -576,6 +618,36 @@ pub(crate) fn send_counted(
         SendStatus::Closed | SendStatus::QueueFull => {}
     }
     status
+}
+
+/// Sends on the message being delivered without copying it: only its frame header goes into
+/// the corked output; the message's buffer is placed after it once the callback returns (see
+/// `on_frames`). Sent the usual way (a copy) if it is to be compressed or must queue behind
+/// deferred compressed messages. Out of line: large messages only.
+#[cold]
+#[inline(never)]
+fn send_lent(
+    link: &mut Link,
+    opcode: OpCode,
+    payload: &[u8],
+    allow_compress: bool,
+    ctx: &mut Ctx,
+) -> SendStatus {
+    let limits = &ctx.limits;
+    let compress = allow_compress && payload.len() >= link.min_compress;
+    if !link.open || link.buffered() > limits.max_buffered || compress || link.has_deferred() {
+        return queue_message(link, None, opcode, payload, allow_compress, limits);
+    }
+    let mut header = [0u8; crate::proto::frame::MAX_HEADER_LEN];
+    let n =
+        crate::proto::frame::encode_header(&mut header, true, false, opcode, payload.len(), None);
+    let output = link.output.get_or_insert_with(Box::default);
+    output.corked.extend_from_slice(&header[..n]);
+    output.shared_len += payload.len();
+    ctx.lent.offset = Some(output.corked.len());
+    // Once: a second send of the same message is a copy.
+    ctx.lent.at = None;
+    link.status(limits)
 }
 
 /// The longest prefix of `reason` that fits a close frame (125 - 2 code bytes), cut at a

@@ -7,9 +7,10 @@ use std::io;
 use std::any::Any;
 use std::sync::Arc;
 
+use super::app::LEND_FROM;
 use super::app::{App, DeferKey, Delivery, Session, Verdict};
 use super::config::millis;
-use super::conn::{Deferred, Phase, Recv, WsPart, NO_DEADLINE};
+use super::conn::{Conn, Deferred, Phase, Recv, WsPart, NO_DEADLINE};
 use super::fault;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
@@ -502,6 +503,14 @@ impl<A: App> Core<A> {
         let Some(c) = conns.at(slot) else {
             return;
         };
+        // The input's address range: a message outside it was reassembled or inflated by the
+        // engine, in a buffer that may be sent on without a copy.
+        let input = data.as_ptr_range();
+        let shares = c.link.shares;
+        let lendable = |bytes: &[u8]| {
+            (shares && bytes.len() >= LEND_FROM && !input.contains(&bytes.as_ptr()))
+                .then_some((bytes.as_ptr() as usize, bytes.len()))
+        };
         let mut pos = 0;
         while matches!(c.phase, Phase::Ws) {
             let Some(ws) = c.ws.as_mut() else { break };
@@ -536,6 +545,7 @@ impl<A: App> Core<A> {
                 _ if *poisoned => ("", Ok(())),
                 Event::Text(text) => {
                     session.ctx.metrics.received.count(text.len(), compressed);
+                    session.ctx.lent.at = lendable(text.as_bytes());
                     (
                         "on_message",
                         fault::guard(|| app.deliver(session, Delivery::Text(text))),
@@ -543,6 +553,7 @@ impl<A: App> Core<A> {
                 }
                 Event::Binary(bytes) => {
                     session.ctx.metrics.received.count(bytes.len(), compressed);
+                    session.ctx.lent.at = lendable(bytes);
                     (
                         "on_message",
                         fault::guard(|| app.deliver(session, Delivery::Binary(bytes))),
@@ -575,6 +586,10 @@ impl<A: App> Core<A> {
                     fault::guard(|| app.deliver(session, Delivery::Pong(payload))),
                 ),
             };
+            ctx.lent.at = None;
+            if let Some(offset) = ctx.lent.offset.take() {
+                place_lent(c, offset);
+            }
             if let Err(message) = outcome {
                 handler_panicked(c, mailbox, what, &message, now, close_ms);
             }
@@ -592,6 +607,21 @@ impl<A: App> Core<A> {
             }
         }
         ctx.touch(&mut c.link);
+    }
+}
+
+/// Places the message the callback sent on (see `send_lent`) after its frame header: its
+/// buffer is taken from the engine and goes out from where it is.
+#[cold]
+#[inline(never)]
+fn place_lent<S>(c: &mut Conn<S>, offset: usize) {
+    let message = c.ws.as_mut().and_then(|ws| ws.engine.take_lent_message());
+    let output = c.link.output.as_deref_mut();
+    match (message, output) {
+        (Some(message), Some(output)) => output.lend(offset, message),
+        // Cannot happen: the message was lent by the engine and its header queued. The
+        // stream would lack the payload its header announced, so it ends here.
+        _ => c.kill(),
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::app::{App, Ctx, SendLimits, Session};
+use super::app::{App, Ctx, LentMessage, SendLimits, Session};
 use super::command::{Command, Mailbox};
 use super::config::{millis, ShardConfig};
 use super::conn::{Conn, Phase, Recv};
@@ -183,6 +183,7 @@ impl<A: App> Shard<A> {
                     buffer_ring_fallbacks: u64::from(!ready.ring.has_buf_ring()),
                     ..Metrics::default()
                 },
+                lent: LentMessage::default(),
             },
             now: 0,
             close_ms: millis(t.close),
@@ -632,6 +633,7 @@ impl<A: App> Core<A> {
                 now,
                 deadline,
             );
+            conn.link.shares = tls.is_none();
             conn.tls = tls;
             conn
         });
@@ -671,6 +673,12 @@ impl<A: App> Core<A> {
         };
         let res = output.send.complete(cqe, usize::MAX);
         let unsent = output.send.remaining();
+        if let Some(buffer) = output.send.take_reclaimed() {
+            // A message sent on as it was received: its buffer reassembles the next one.
+            if let Some(ws) = c.ws.as_mut() {
+                ws.engine.recycle(buffer);
+            }
+        }
         if res < 0 && !c.is_dead() {
             tracing::debug!(
                 peer = %c.link.peer,

@@ -12,16 +12,36 @@ use io_uring::types::Timespec;
 
 use super::Cqe;
 
+/// Bytes sent from where they are, between a connection's corked bytes.
+pub(crate) enum Piece {
+    /// A frame shared with other connections (a publication).
+    Shared(Bytes),
+    /// A buffer handed over whole (a received message sent on as it is), given back once
+    /// written ([`SendBuf::take_reclaimed`]).
+    Lent(Vec<u8>),
+}
+
+impl Piece {
+    /// Its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Shared(frame) => frame,
+            Piece::Lent(buffer) => buffer,
+        }
+    }
+}
+
 /// Bytes on their way to a socket. [`SendBuf::load`] takes a connection's corked output by
-/// swapping vectors (no copy); [`SendBuf::load_shared`] also takes frames shared with other
-/// connections (a publication), sent from where they are with a vectored send. Once
-/// submitted the bytes stay untouched until the send's own completion is handed to
-/// [`SendBuf::complete`].
+/// swapping vectors (no copy); [`SendBuf::load_pieces`] also takes pieces sent from where
+/// they are (shared frames, a lent message) with a vectored send. Once submitted the bytes
+/// stay untouched until the send's own completion is handed to [`SendBuf::complete`].
 #[derive(Default)]
 pub(crate) struct SendBuf {
     pub(super) data: Vec<u8>,
-    /// Shared frames, each sent after `data[..offset]`, in order.
-    pub(super) shared: Vec<(usize, Bytes)>,
+    /// Pieces sent from where they are, each after `data[..offset]`, in order.
+    pub(super) shared: Vec<(usize, Piece)>,
+    /// A lent buffer written out, until taken back.
+    pub(super) reclaimed: Option<Vec<u8>>,
     /// Bytes of `data` and `shared` together.
     pub(super) total: usize,
     /// Bytes of `data` and `shared` written.
@@ -76,19 +96,24 @@ impl SendBuf {
         self.total = self.data.len();
     }
 
-    /// Takes `out` and the frames `shared` places in it (each after `out[..offset]`, offsets
-    /// in order); both are left empty.
+    /// Takes `out` and the pieces placed in it (each after `out[..offset]`, offsets in
+    /// order); both are left empty.
     ///
     /// # Panics
     /// If this buffer still holds unsent bytes (a driver bug).
-    pub fn load_shared(&mut self, out: &mut Vec<u8>, shared: &mut Vec<(usize, Bytes)>) {
+    pub fn load_pieces(&mut self, out: &mut Vec<u8>, pieces: &mut Vec<(usize, Piece)>) {
         self.load(out);
-        std::mem::swap(&mut self.shared, shared);
+        std::mem::swap(&mut self.shared, pieces);
         self.total += self
             .shared
             .iter()
-            .map(|(_, frame)| frame.len())
+            .map(|(_, piece)| piece.bytes().len())
             .sum::<usize>();
+    }
+
+    /// A lent buffer whose bytes were all written, to reuse.
+    pub fn take_reclaimed(&mut self) -> Option<Vec<u8>> {
+        self.reclaimed.take()
     }
 
     /// Whether the unsent bytes include shared frames (then the send is vectored).
@@ -124,9 +149,9 @@ impl SendBuf {
             }
         };
         let mut from = 0;
-        for (offset, frame) in &self.shared {
+        for (offset, piece) in &self.shared {
             push(&self.data[from..*offset]);
-            push(frame);
+            push(piece.bytes());
             from = *offset;
         }
         push(&self.data[from..]);
@@ -151,7 +176,11 @@ impl SendBuf {
         self.pos = self.pos.saturating_add(written).min(self.total);
         if self.pos == self.total {
             self.data.clear();
-            self.shared.clear();
+            for (_, piece) in self.shared.drain(..) {
+                if let Piece::Lent(buffer) = piece {
+                    self.reclaimed = Some(buffer);
+                }
+            }
             self.pos = 0;
             self.total = 0;
             if self.data.capacity() > keep {
@@ -171,6 +200,7 @@ impl SendBuf {
             }
             self.shared = Vec::new();
             self.vectored = None;
+            self.reclaimed = None;
         }
     }
 

@@ -22,7 +22,7 @@ use io_uring::types::{self, CancelBuilder, Fd, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
 pub(crate) use self::buf_ring::{BufRing, RecvBuffer};
-pub(crate) use self::buffers::{RecvBuf, SendBuf, TimerBuf, WordBuf};
+pub(crate) use self::buffers::{Piece, RecvBuf, SendBuf, TimerBuf, WordBuf};
 
 /// What the kernel offered at start, and what the ring runs with.
 #[derive(Clone, Copy, Debug, Default)]
@@ -580,13 +580,13 @@ mod tests {
         for i in 0..1500u32 {
             out.extend_from_slice(&i.to_be_bytes()[1..]);
             expected.extend_from_slice(&i.to_be_bytes()[1..]);
-            shared.push((out.len(), frame.clone()));
+            shared.push((out.len(), super::Piece::Shared(frame.clone())));
             expected.extend_from_slice(&frame);
         }
         out.extend_from_slice(b"end");
         expected.extend_from_slice(b"end");
         let mut send = SendBuf::default();
-        send.load_shared(&mut out, &mut shared);
+        send.load_pieces(&mut out, &mut shared);
         assert!(out.is_empty() && shared.is_empty());
         assert_eq!(send.remaining(), expected.len());
         let mut sends = 0;
