@@ -178,6 +178,9 @@ pub(crate) struct Output {
     pub shared_len: usize,
     /// The bytes on their way to the socket.
     pub send: SendBuf,
+    /// A send was loaded since the sweep last looked: the output is in use, not to be
+    /// freed.
+    pub recent: bool,
 }
 
 impl Output {
@@ -204,14 +207,21 @@ impl Output {
     }
 
     /// Places a lent message at `offset` of the corked bytes, where its frame header ends.
-    /// Its length was counted in `shared_len` when the header was written.
-    pub fn lend(&mut self, offset: usize, message: Vec<u8>) {
-        debug_assert!(self.shared.last().map_or(true, |(at, _)| *at <= offset));
-        self.shared.push((offset, Piece::Lent(message)));
+    /// Its length was counted in `shared_len` when the header was written. Returns `false`,
+    /// placing nothing, if a piece already queued lies past `offset` (pieces must be in the
+    /// order of their offsets; nothing queues one during a callback, see `settle`).
+    pub fn lend(&mut self, offset: usize, message: Vec<u8>) -> bool {
+        let in_order = self.shared.last().map_or(true, |(at, _)| *at <= offset);
+        let placed = in_order && offset <= self.corked.len();
+        if placed {
+            self.shared.push((offset, Piece::Lent(message)));
+        }
+        placed
     }
 
     /// Loads the queued frames into the send (which must be idle).
     pub fn load(&mut self) {
+        self.recent = true;
         if self.shared.is_empty() {
             self.send.load(&mut self.corked);
         } else {
@@ -304,7 +314,13 @@ impl Link {
     /// and the corked vector if it grew past `keep` bytes. Returns whether a part was freed.
     pub fn shrink(&mut self, keep: usize) -> bool {
         let parts = usize::from(self.output.is_some()) + usize::from(self.extra.is_some());
-        if self.output.as_ref().is_some_and(|o| o.is_idle()) {
+        // An output that sent since the last sweep is in use (a subscriber that only
+        // receives looks quiet by its input): kept, and looked at again next time.
+        let recent = self
+            .output
+            .as_mut()
+            .is_some_and(|o| std::mem::take(&mut o.recent));
+        if !recent && self.output.as_ref().is_some_and(|o| o.is_idle()) {
             self.output = None;
         } else if let Some(output) = self.output.as_deref_mut() {
             if output.corked.is_empty() && output.corked.capacity() > keep {

@@ -617,11 +617,15 @@ impl<A: App> Core<A> {
 fn place_lent<S>(c: &mut Conn<S>, offset: usize) {
     let message = c.ws.as_mut().and_then(|ws| ws.engine.take_lent_message());
     let output = c.link.output.as_deref_mut();
-    match (message, output) {
+    let placed = match (message, output) {
         (Some(message), Some(output)) => output.lend(offset, message),
-        // Cannot happen: the message was lent by the engine and its header queued. The
-        // stream would lack the payload its header announced, so it ends here.
-        _ => c.kill(),
+        _ => false,
+    };
+    if !placed {
+        // Cannot happen: the message was lent by the engine and its header queued, and
+        // nothing queues a piece during a callback. The stream would lack the payload its
+        // header announced, so it ends here.
+        c.kill();
     }
 }
 

@@ -149,7 +149,7 @@ pub(crate) fn fan_out<S>(
             return;
         }
         let output = link.output.get_or_insert_with(Box::default);
-        if frame.len() >= SHARE_FROM && c.tls.is_none() {
+        if frame.len() >= SHARE_FROM && link.shares {
             output.share(frame);
         } else {
             output.corked.extend_from_slice(frame);

@@ -669,6 +669,8 @@ impl<A: App> Core<A> {
         // Large vectors are kept while the connection is busy; the sweep frees them once it
         // is quiet (see `Conn::shrink`).
         let Some(output) = c.link.output.as_deref_mut() else {
+            // Cannot happen: the output is kept while its send is in flight.
+            self.ctx.touch(&mut c.link);
             return;
         };
         let res = output.send.complete(cqe, usize::MAX);

@@ -188,7 +188,6 @@ fn set_int_opt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     .map(drop)
 }
 
-/// Disables Nagle's algorithm: the shard already batches writes per connection.
 /// Gives free heap memory back to the kernel (glibc's `malloc_trim`). Small blocks freed by
 /// the idle sweep stay in the allocator's arena, and its pages resident, until trimmed: glibc
 /// returns memory on `free` only from the top of an arena. Does nothing on other C libraries.
@@ -201,6 +200,7 @@ pub(crate) fn trim_heap() {
     }
 }
 
+/// Disables Nagle's algorithm: the shard already batches writes per connection.
 pub(crate) fn set_nodelay(fd: RawFd) {
     let _ = set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
 }

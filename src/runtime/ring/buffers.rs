@@ -156,7 +156,8 @@ impl SendBuf {
         }
         push(&self.data[from..]);
         vectored.msg.msg_iov = iov.as_mut_ptr();
-        vectored.msg.msg_iovlen = iov.len();
+        // At most MAX_IOV: fits the field's type on every C library.
+        vectored.msg.msg_iovlen = iov.len() as _;
         &vectored.msg
     }
 
