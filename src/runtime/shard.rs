@@ -72,6 +72,11 @@ pub(crate) struct Core<A: App> {
     pub multishot_recv: bool,
     /// Send and stash vectors above this size are freed when quiet.
     pub keep_capacity: usize,
+    /// Connections whose multishot receive ended for want of a provided buffer (`ENOBUFS`)
+    /// in this batch, with when each last received data and its place in the batch:
+    /// re-armed first, the longest waiting first, once the batch has given its buffers back
+    /// (see [`Shard::rearm_starved`]).
+    pub starved: Vec<(u64, usize, ConnId)>,
 }
 
 /// A listening socket a shard accepts from, and whether its connections speak TLS.
@@ -185,6 +190,7 @@ impl<A: App> Shard<A> {
             shutdown_deadline: 0,
             multishot_recv: ready.multishot_recv,
             keep_capacity: 64 * 1024,
+            starved: Vec::new(),
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -246,6 +252,7 @@ impl<A: App> Shard<A> {
             }
             self.ring.recycle_cqes(cqes);
             result?;
+            self.rearm_starved();
             self.settle();
             if self.core.shutting_down {
                 if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
