@@ -133,6 +133,10 @@ pub(crate) struct Conn<S> {
     pub kept_alive: bool,
     /// Output is over the high-water mark: reading stops until it drains.
     pub over_mark: bool,
+    /// The completion loop's round (its low 16 bits) in which `recv_kib` was counted.
+    pub recv_round: u16,
+    /// KiB received in that round, against the per-round budget (see `Shard::over_budget`).
+    pub recv_kib: u16,
     /// What sessions touch: output, open flag, topics.
     pub link: Link,
     /// The engine and state, from the upgrade on.
@@ -160,6 +164,8 @@ impl<S> Conn<S> {
             peer_eof: false,
             kept_alive: false,
             over_mark: false,
+            recv_round: 0,
+            recv_kib: 0,
             link,
             ws: None,
             pinged_at: 0,

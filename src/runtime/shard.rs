@@ -42,6 +42,12 @@ use crate::proto::{self, CloseCode, OpCode};
 /// (`Ring::push` has already submitted and retried transient errors by then.)
 const REARM_TRIES: u32 = 3;
 
+/// How many KiB received by one connection a round of the completion loop handles before
+/// it holds the connection's further receives back to the next round (see
+/// [`Shard::over_budget`]): 16 of the default 16 KiB receive buffers, what a connection with
+/// 16 messages of 16 KiB in flight sends per round.
+const RECV_BUDGET_KIB: u16 = 256;
+
 /// Every connection's state and the shard-wide state callbacks reach: everything but the
 /// ring, so the two can be borrowed apart.
 pub(crate) struct Core<A: App> {
@@ -77,6 +83,11 @@ pub(crate) struct Core<A: App> {
     pub gave_back: u64,
     /// When the heap was last trimmed (ms).
     pub trimmed_at: u64,
+    /// Connections whose multishot receive ended for want of a provided buffer (`ENOBUFS`)
+    /// in this batch, with when each last received data and its place in the batch:
+    /// re-armed first, the longest waiting first, once the batch has given its buffers back
+    /// (see [`Shard::rearm_starved`]).
+    pub starved: Vec<(u64, usize, ConnId)>,
 }
 
 /// A listening socket a shard accepts from, and whether its connections speak TLS.
@@ -129,6 +140,11 @@ pub(crate) struct Shard<A: App> {
     start: Instant,
     /// Test hook: re-arms still to fail on purpose.
     fail_rearms: u32,
+    /// Receive completions held back from the last round, their connection over its
+    /// budget (see [`Shard::over_budget`]); handled first in the next round.
+    carried: Vec<Cqe>,
+    /// Rounds of the completion loop so far (wrapping).
+    round: u16,
 }
 
 impl<A: App> Shard<A> {
@@ -193,6 +209,7 @@ impl<A: App> Shard<A> {
             keep_capacity: 64 * 1024,
             gave_back: 0,
             trimmed_at: 0,
+            starved: Vec::new(),
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -211,6 +228,8 @@ impl<A: App> Shard<A> {
             commands: Vec::new(),
             start: Instant::now(),
             fail_rearms: config.hooks.fail_rearms,
+            carried: Vec::new(),
+            round: 0,
         })
     }
 
@@ -240,11 +259,28 @@ impl<A: App> Shard<A> {
     fn serve(&mut self) -> io::Result<()> {
         self.arm_all()?;
         loop {
-            self.ring.submit_and_wait(1)?;
+            if self.carried.is_empty() {
+                self.ring.submit_and_wait(1)?;
+            } else {
+                // Receives held back from the last round are waiting: take what else is
+                // ready, without sleeping.
+                self.ring.submit_and_poll()?;
+            }
             self.core.now = millis(self.start.elapsed());
             let mut cqes = self.ring.reap();
+            if !self.carried.is_empty() {
+                // What was held back comes first: it arrived first. (The two vectors swap,
+                // both keeping their capacity.)
+                self.carried.append(&mut cqes);
+                std::mem::swap(&mut self.carried, &mut cqes);
+            }
+            self.round = self.round.wrapping_add(1);
             let mut result = Ok(());
             for cqe in cqes.drain(..) {
+                if self.over_budget(&cqe) {
+                    self.carried.push(cqe);
+                    continue;
+                }
                 result = self.dispatch(cqe);
                 if result.is_err() {
                     // The rest are dropped unhandled: their buffers stay marked in flight and
@@ -254,6 +290,7 @@ impl<A: App> Shard<A> {
             }
             self.ring.recycle_cqes(cqes);
             result?;
+            self.rearm_starved();
             self.settle();
             if self.core.shutting_down {
                 if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
@@ -331,7 +368,8 @@ impl<A: App> Shard<A> {
         // listener is only closed; its accept ends with the ring.)
         self.close_listener();
         let cancelled = self.ring.cancel_all();
-        let mut cqes = self.ring.reap();
+        let mut cqes = std::mem::take(&mut self.carried);
+        cqes.append(&mut self.ring.reap());
         for cqe in cqes.drain(..) {
             let token = Token::from_raw(cqe.user_data());
             match token.op() {
@@ -388,6 +426,40 @@ impl<A: App> Shard<A> {
         }
         self.core.mailbox.set_connections(0);
         self.core.publish_metrics();
+    }
+
+    /// Whether a completion is a receive of a connection that has had its share of this
+    /// round ([`RECV_BUDGET_KIB`]), to be held back to the next; counts the bytes of those
+    /// that are not. Once one is held back, so is every later receive of that connection in
+    /// the round, so its bytes stay in order.
+    ///
+    /// One connection can have up to the whole provided-buffer ring filled for it in one
+    /// round, and every other connection's reply waits for all of it: measured beside one
+    /// connection flooding 7-byte frames, rounds of about 1 MiB of them took 12 ms and
+    /// another connection's echo took 15 ms (p50; p99 25 ms). Held back, the rest waits
+    /// in its buffers (which the kernel then cannot fill again: the connection gets
+    /// `ENOBUFS`, and is re-armed after those that waited longer) while the round's replies
+    /// go out and the next round takes what else arrived.
+    fn over_budget(&mut self, cqe: &Cqe) -> bool {
+        let token = Token::from_raw(cqe.user_data());
+        if token.op() != Some(Op::Recv) {
+            return false;
+        }
+        let Some(c) = self.core.conns.by_token(token) else {
+            return false;
+        };
+        if c.recv_round != self.round {
+            c.recv_round = self.round;
+            c.recv_kib = 0;
+        }
+        if c.recv_kib >= RECV_BUDGET_KIB {
+            return true;
+        }
+        // Counted in KiB, rounded up (a receive is at most a provided buffer).
+        let bytes = u32::try_from(cqe.result()).unwrap_or(0);
+        let kib = u16::try_from(bytes.div_ceil(1024)).unwrap_or(u16::MAX);
+        c.recv_kib = c.recv_kib.saturating_add(kib);
+        false
     }
 
     fn dispatch(&mut self, cqe: Cqe) -> io::Result<()> {

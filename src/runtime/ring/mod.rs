@@ -247,6 +247,29 @@ impl Ring {
         self.submit(want)
     }
 
+    /// Submits everything queued and lets the kernel post what is ready (with
+    /// `DEFER_TASKRUN`, completions of data that arrived meanwhile are only posted by an
+    /// enter that asks for events), without waiting for any.
+    ///
+    /// # Errors
+    /// Ring failures other than EINTR/EAGAIN/EBUSY.
+    pub fn submit_and_poll(&mut self) -> io::Result<()> {
+        if !self.backlog.is_empty() {
+            return self.submit(0);
+        }
+        let now = Timespec::new();
+        let args = types::SubmitArgs::new().timespec(&now);
+        match self.uring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                // Nothing was ready (ETIME is only returned when nothing was submitted).
+                Some(libc::ETIME | libc::EINTR) => Ok(()),
+                Some(libc::EAGAIN | libc::EBUSY) => self.submit(0),
+                _ => Err(e),
+            },
+        }
+    }
+
     /// Copies every ready completion out (the backlog first) and returns them; give the
     /// vector back with [`Ring::recycle_cqes`] to keep its capacity.
     pub fn reap(&mut self) -> Vec<Cqe> {
