@@ -2,14 +2,16 @@
 //! global allocator watches a shard echo thousands of messages (server and client share the
 //! process, so the client below is written not to allocate either).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ringsock::proto::handshake::Request;
-use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
+use common::Echo;
+use ringsock::server::Builder;
 
 struct Counting;
 
@@ -37,20 +39,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-struct Echo;
-
-impl Handler for Echo {
-    type State = ();
-
-    fn on_upgrade(&self, _: &Request<'_>, _: &mut Upgrade<()>) -> Decision<()> {
-        Decision::Accept(())
-    }
-
-    fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
-        ws.send(msg);
-    }
-}
 
 const PAYLOAD: usize = 100;
 

@@ -7,28 +7,16 @@
 //! connection allocated on demand). The client side adds a socket descriptor per connection
 //! and nothing on the heap.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ringsock::proto::handshake::Request;
-use ringsock::server::{Builder, Decision, Handler, Message, Upgrade, Ws};
-
-/// An echo server that keeps nothing per connection (the shared test handler keeps a handle
-/// to each connection, which is the test's memory, not the server's).
-struct Echo;
-
-impl Handler for Echo {
-    type State = ();
-
-    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade<()>) -> Decision<()> {
-        Decision::Accept(())
-    }
-
-    fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
-        ws.send(msg);
-    }
-}
+// Not the shared `TestHandler`: it keeps a handle to each connection, which is the test's
+// memory, not the server's.
+use common::Echo;
+use ringsock::server::Builder;
 
 /// Connections opened in each half.
 const HALF: usize = 1000;

@@ -15,6 +15,22 @@ use ringsock::server::{
     Ws,
 };
 
+/// Echoes every message and keeps nothing per connection (for tests that measure the server
+/// itself: memory, allocations).
+pub struct Echo;
+
+impl Handler for Echo {
+    type State = ();
+
+    fn on_upgrade(&self, _req: &Request<'_>, _upgrade: &mut Upgrade<()>) -> Decision<()> {
+        Decision::Accept(())
+    }
+
+    fn on_message(&self, ws: &mut Ws<'_, ()>, msg: Message<'_>) {
+        ws.send(msg);
+    }
+}
+
 /// What the handler saw.
 #[derive(Default)]
 pub struct Probe {
