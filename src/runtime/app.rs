@@ -172,10 +172,10 @@ pub(crate) struct Output {
     pub corked: Vec<u8>,
     /// Pieces sent from where they are: frames shared with other connections (publications)
     /// and a received message sent on as it is. Each goes out after `corked[..offset]`.
-    pub shared: Vec<(usize, Piece)>,
-    /// The bytes of `shared`, and of a lent message announced but not yet placed
+    pub pieces: Vec<(usize, Piece)>,
+    /// The bytes of `pieces`, and of a lent message announced but not yet placed
     /// ([`Output::lend`]).
-    pub shared_len: usize,
+    pub pieces_len: usize,
     /// The bytes on their way to the socket.
     pub send: SendBuf,
     /// A send was loaded since the sweep last looked: the output is in use, not to be
@@ -186,35 +186,35 @@ pub(crate) struct Output {
 impl Output {
     /// Bytes queued and not yet written.
     pub fn buffered(&self) -> usize {
-        self.corked.len() + self.shared_len + self.send.remaining()
+        self.corked.len() + self.pieces_len + self.send.remaining()
     }
 
     /// Whether nothing is queued, loaded or in flight.
     pub fn is_idle(&self) -> bool {
-        self.corked.is_empty() && self.shared.is_empty() && self.send.is_idle()
+        self.corked.is_empty() && self.pieces.is_empty() && self.send.is_idle()
     }
 
     /// Whether frames wait to be loaded into the send.
     pub fn has_queued(&self) -> bool {
-        !self.corked.is_empty() || !self.shared.is_empty()
+        !self.corked.is_empty() || !self.pieces.is_empty()
     }
 
     /// Queues a frame shared with other connections, by reference.
     pub fn share(&mut self, frame: &Bytes) {
-        self.shared
+        self.pieces
             .push((self.corked.len(), Piece::Shared(frame.clone())));
-        self.shared_len += frame.len();
+        self.pieces_len += frame.len();
     }
 
     /// Places a lent message at `offset` of the corked bytes, where its frame header ends.
-    /// Its length was counted in `shared_len` when the header was written. Returns `false`,
+    /// Its length was counted in `pieces_len` when the header was written. Returns `false`,
     /// placing nothing, if a piece already queued lies past `offset` (pieces must be in the
     /// order of their offsets; nothing queues one during a callback, see `settle`).
     pub fn lend(&mut self, offset: usize, message: Vec<u8>) -> bool {
-        let in_order = self.shared.last().map_or(true, |(at, _)| *at <= offset);
+        let in_order = self.pieces.last().map_or(true, |(at, _)| *at <= offset);
         let placed = in_order && offset <= self.corked.len();
         if placed {
-            self.shared.push((offset, Piece::Lent(message)));
+            self.pieces.push((offset, Piece::Lent(message)));
         }
         placed
     }
@@ -222,11 +222,11 @@ impl Output {
     /// Loads the queued frames into the send (which must be idle).
     pub fn load(&mut self) {
         self.recent = true;
-        if self.shared.is_empty() {
+        if self.pieces.is_empty() {
             self.send.load(&mut self.corked);
         } else {
-            self.send.load_pieces(&mut self.corked, &mut self.shared);
-            self.shared_len = 0;
+            self.send.load_pieces(&mut self.corked, &mut self.pieces);
+            self.pieces_len = 0;
         }
     }
 }
@@ -659,7 +659,7 @@ fn send_lent(
         crate::proto::frame::encode_header(&mut header, true, false, opcode, payload.len(), None);
     let output = link.output.get_or_insert_with(Box::default);
     output.corked.extend_from_slice(&header[..n]);
-    output.shared_len += payload.len();
+    output.pieces_len += payload.len();
     ctx.lent.offset = Some(output.corked.len());
     // Once: a second send of the same message is a copy.
     ctx.lent.at = None;

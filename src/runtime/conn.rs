@@ -20,7 +20,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use super::app::Link;
-use super::ring::{RecvBuf, SendBuf};
+use super::ring::RecvBuf;
 use super::sys;
 use super::tls::TlsConn;
 use crate::proto::deflate::DeflateParams;
@@ -114,8 +114,8 @@ pub(crate) const NO_DEADLINE: u64 = u64::MAX;
 
 /// A connection on a shard.
 ///
-/// An idle upgraded connection is this struct and nothing else (about 230 bytes with a
-/// zero-sized application state): its output ([`Link::output`]), the engine's buffers and
+/// An idle upgraded connection is this struct and nothing else (240 bytes with a zero-sized
+/// application state): its output ([`Link::output`]), the engine's buffers and
 /// everything held only at times ([`ConnExtra`]) are allocated when needed and given back by
 /// the idle sweep ([`Conn::shrink`]).
 pub(crate) struct Conn<S> {
@@ -187,16 +187,20 @@ impl<S> Conn<S> {
         self.extra.as_ref().is_some_and(|e| e.stash.is_pending())
     }
 
-    /// The send (none before the first output).
-    #[inline]
-    pub fn send(&self) -> Option<&SendBuf> {
-        self.link.output.as_ref().map(|o| &o.send)
-    }
-
     /// Whether a send is in flight.
     #[inline]
     pub fn send_in_flight(&self) -> bool {
-        self.send().is_some_and(SendBuf::in_flight)
+        self.link
+            .output
+            .as_ref()
+            .is_some_and(|o| o.send.in_flight())
+    }
+
+    /// Whether it may read now, as far as its own state goes: not over the high-water mark,
+    /// no stashed input to feed first, no FIN from the peer, not dead.
+    #[inline]
+    pub fn may_read(&self) -> bool {
+        !self.over_mark && !self.stash_pending() && !self.peer_eof && !self.is_dead()
     }
 
     /// The socket's descriptor.

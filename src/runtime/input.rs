@@ -125,14 +125,9 @@ impl<A: App> Shard<A> {
             let Some(c) = core.conns.get(id) else {
                 continue;
             };
-            // What `settle` would decide: connections that should not read now (over the
-            // mark, with stashed input, after the peer's FIN, dead) are left to it.
-            let want_read = c.recv == Recv::Idle
-                && !c.over_mark
-                && c.link.buffered() < mark
-                && !c.stash_pending()
-                && !c.peer_eof
-                && !c.is_dead();
+            // What `settle` would decide (its over-mark flag is updated there, so the output
+            // is checked against the mark here): the others are left to it.
+            let want_read = c.recv == Recv::Idle && c.may_read() && c.link.buffered() < mark;
             if !want_read {
                 continue;
             }

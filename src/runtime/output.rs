@@ -4,8 +4,6 @@
 //! reading, `on_drain`, feeding back stashed input), the end of a connection whose peer
 //! finished, and freeing connections with no operation left in flight.
 
-use std::os::fd::AsRawFd;
-
 use super::app::App;
 use super::conn::{Phase, Recv};
 use super::shard::Shard;
@@ -54,6 +52,7 @@ impl<A: App> Shard<A> {
             return;
         }
         // One send per connection per batch; on TLS, the output encrypted as a whole first.
+        let fd = c.fd();
         let output = match c.tls {
             // TLS may have records of its own to send (handshake, alerts, close_notify).
             Some(_) => Some(c.link.output.get_or_insert_with(Box::default)),
@@ -66,7 +65,7 @@ impl<A: App> Shard<A> {
                     None => {}
                     Some(tls) => {
                         // Frames are never shared with a TLS connection (see `fan_out`).
-                        debug_assert!(output.shared.is_empty());
+                        debug_assert!(output.pieces.is_empty());
                         if let Err(e) = tls.encrypt(&mut output.corked) {
                             let metrics = &mut core.ctx.metrics;
                             super::tls::tls_failed(metrics, core.ctx.shard, c.link.peer, &e);
@@ -83,7 +82,7 @@ impl<A: App> Shard<A> {
             let send = &mut output.send;
             if send.remaining() > 0 {
                 let token = Token::conn(Op::Send, id).raw();
-                if let Err(e) = ring.send(c.socket.as_raw_fd(), send, token) {
+                if let Err(e) = ring.send(fd, send, token) {
                     tracing::warn!(shard = core.ctx.shard, peer = %c.link.peer, error = %e, "cannot submit a send");
                     c.kill();
                     core.ctx.touch(&mut c.link);
@@ -149,7 +148,7 @@ impl<A: App> Shard<A> {
             core.ctx.touch(&mut c.link);
             return;
         }
-        let want_read = !c.over_mark && !stashed && !c.peer_eof && !c.is_dead();
+        let want_read = c.may_read();
         match (want_read, c.recv) {
             (true, Recv::Idle) => {
                 let token = Token::conn(Op::Recv, id).raw();
@@ -159,8 +158,7 @@ impl<A: App> Shard<A> {
                     let size = core.config.buffers.recv_buffer_size;
                     let fd = c.fd();
                     let buf = c
-                        .extra
-                        .get_or_insert_with(Box::default)
+                        .extra()
                         .recv_buf
                         .get_or_insert_with(|| super::ring::RecvBuf::new(size));
                     ring.recv(fd, buf, token)

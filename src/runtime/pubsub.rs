@@ -117,15 +117,16 @@ impl Topics {
     }
 }
 
-/// Frames at least this long are queued by reference, shorter ones
-/// copied: a reference costs a queue entry (40 bytes), a vector in the send and two atomic
-/// reference-count updates, more than copying a short frame.
+/// Frames at least this long are queued by reference, shorter ones copied: a reference costs
+/// a queue entry (40 bytes), a vector in the send and two atomic reference-count updates,
+/// more than copying a short frame.
 pub(crate) const SHARE_FROM: usize = 256;
 
 /// Queues one frame on every open subscriber of `topic` (every open connection for `None`);
 /// each one written to goes on `touched`. A frame of [`SHARE_FROM`] bytes or more is shared
-/// by reference ([`Output::share`](super::app::Output::share)), not copied, so a publication costs its bytes once however many subscribers
-/// are behind (on TLS connections it is copied: each encrypts its own stream). A subscriber
+/// by reference ([`Output::share`](super::app::Output::share)), not copied, so a publication
+/// costs its bytes once however many subscribers are behind (on TLS connections it is
+/// copied: each encrypts its own stream). A subscriber
 /// whose output is over the hard cap `max_buffered` is skipped (it has not been reading for
 /// a while) and counted; one that is merely behind, between the high-water mark and the cap,
 /// still gets everything in order.

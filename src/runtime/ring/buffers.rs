@@ -39,12 +39,12 @@ impl Piece {
 pub(crate) struct SendBuf {
     pub(super) data: Vec<u8>,
     /// Pieces sent from where they are, each after `data[..offset]`, in order.
-    pub(super) shared: Vec<(usize, Piece)>,
+    pub(super) pieces: Vec<(usize, Piece)>,
     /// A lent buffer written out, until taken back.
     pub(super) reclaimed: Option<Vec<u8>>,
-    /// Bytes of `data` and `shared` together.
+    /// Bytes of `data` and `pieces` together.
     pub(super) total: usize,
-    /// Bytes of `data` and `shared` written.
+    /// Bytes of `data` and `pieces` written.
     pub(super) pos: usize,
     /// The message header and I/O vectors of a vectored send (made on the first one).
     pub(super) vectored: Option<Box<Vectored>>,
@@ -90,7 +90,7 @@ impl SendBuf {
     pub fn load(&mut self, out: &mut Vec<u8>) {
         assert!(self.is_idle(), "send buffer loaded while busy");
         self.data.clear();
-        self.shared.clear();
+        self.pieces.clear();
         std::mem::swap(&mut self.data, out);
         self.pos = 0;
         self.total = self.data.len();
@@ -103,9 +103,9 @@ impl SendBuf {
     /// If this buffer still holds unsent bytes (a driver bug).
     pub fn load_pieces(&mut self, out: &mut Vec<u8>, pieces: &mut Vec<(usize, Piece)>) {
         self.load(out);
-        std::mem::swap(&mut self.shared, pieces);
+        std::mem::swap(&mut self.pieces, pieces);
         self.total += self
-            .shared
+            .pieces
             .iter()
             .map(|(_, piece)| piece.bytes().len())
             .sum::<usize>();
@@ -118,7 +118,7 @@ impl SendBuf {
 
     /// Whether the unsent bytes include shared frames (then the send is vectored).
     pub(super) fn is_vectored(&self) -> bool {
-        !self.shared.is_empty()
+        !self.pieces.is_empty()
     }
 
     /// Fills the I/O vectors with the unsent bytes (at most [`MAX_IOV`] pieces) and returns
@@ -149,7 +149,7 @@ impl SendBuf {
             }
         };
         let mut from = 0;
-        for (offset, piece) in &self.shared {
+        for (offset, piece) in &self.pieces {
             push(&self.data[from..*offset]);
             push(piece.bytes());
             from = *offset;
@@ -177,7 +177,7 @@ impl SendBuf {
         self.pos = self.pos.saturating_add(written).min(self.total);
         if self.pos == self.total {
             self.data.clear();
-            for (_, piece) in self.shared.drain(..) {
+            for (_, piece) in self.pieces.drain(..) {
                 if let Piece::Lent(buffer) = piece {
                     self.reclaimed = Some(buffer);
                 }
@@ -199,7 +199,7 @@ impl SendBuf {
             if self.data.capacity() > keep {
                 self.data = Vec::new();
             }
-            self.shared = Vec::new();
+            self.pieces = Vec::new();
             self.vectored = None;
             self.reclaimed = None;
         }
@@ -209,7 +209,7 @@ impl SendBuf {
     pub fn discard(&mut self) {
         if !self.in_flight {
             self.data.clear();
-            self.shared.clear();
+            self.pieces.clear();
             self.pos = 0;
             self.total = 0;
         }
@@ -221,7 +221,7 @@ impl Drop for SendBuf {
         if self.in_flight {
             // The kernel may still read them: leak instead of freeing.
             std::mem::forget(std::mem::take(&mut self.data));
-            std::mem::forget(std::mem::take(&mut self.shared));
+            std::mem::forget(std::mem::take(&mut self.pieces));
             std::mem::forget(self.vectored.take());
         }
     }

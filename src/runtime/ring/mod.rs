@@ -373,7 +373,7 @@ impl Ring {
         };
         buf.in_flight = true;
         buf.user_data = user_data;
-        // SAFETY: the bytes sent are inside `buf.data` and `buf.shared` (frames held by
+        // SAFETY: the bytes sent are inside `buf.data` and `buf.pieces` (frames held by
         // reference), and a vectored send's header and vectors inside `buf.vectored`: all
         // owned by `buf` (heap allocations that do not move with it) and now marked in
         // flight. SendBuf does not touch them until this send's completion checks it in, and
@@ -621,7 +621,7 @@ mod tests {
             sends += 1;
         }
         assert!(sends >= 3, "{sends} sends for 3,001 pieces");
-        assert!(send.is_idle() && send.shared.is_empty(), "frames released");
+        assert!(send.is_idle() && send.pieces.is_empty(), "frames released");
         crate::runtime::sys::close(a);
         let got = reader.join().unwrap();
         assert_eq!(got.len(), expected.len());
