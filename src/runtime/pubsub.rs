@@ -119,8 +119,10 @@ impl Topics {
 
 /// Frames at least this long are queued by reference, shorter ones copied: a reference costs
 /// a queue entry (40 bytes), a vector in the send and two atomic reference-count updates,
-/// more than copying a short frame.
-pub(crate) const SHARE_FROM: usize = 256;
+/// more than copying a short frame. Measured closed loop to 1,000 subscribers (deliveries/s,
+/// medians of 3 alternated runs, shared vs copied): 256 B 605k vs 626k, 512 B 578k vs 579k,
+/// 1 KiB 578k vs 493k.
+pub(crate) const SHARE_FROM: usize = 512;
 
 /// Queues one frame on every open subscriber of `topic` (every open connection for `None`);
 /// each one written to goes on `touched`. A frame of [`SHARE_FROM`] bytes or more is shared
