@@ -99,7 +99,13 @@ fn an_idle_upgraded_connection_costs_under_half_a_kib() {
     let half = rss_bytes();
     open(addr, HALF, &mut clients);
     std::thread::sleep(IDLE);
-    let full = rss_bytes();
+    // On a loaded machine the sweep and the heap trim may come later: wait up to 10 s more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut full = rss_bytes();
+    while full.saturating_sub(half) / HALF >= BOUND && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        full = rss_bytes();
+    }
     let per_conn = full.saturating_sub(half) / HALF;
     eprintln!(
         "RSS per idle connection: {per_conn} B ({half} B at {HALF}, {full} B at {})",
