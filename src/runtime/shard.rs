@@ -515,6 +515,13 @@ impl<A: App> Shard<A> {
             ) {
                 self.core.ctx.metrics.refused_no_descriptors += 1;
             }
+            // `EINVAL`: the socket no longer listens, shut down under the accept (at shutdown
+            // the fleet does so before the shard hears of it). Not a failure, and re-arming
+            // would only fail again.
+            if errno == libc::EINVAL {
+                tracing::debug!(shard = self.core.ctx.shard, "listener shut down");
+                return;
+            }
             if errno != libc::ECANCELED {
                 accept.errors += 1;
                 let now = self.core.now;
