@@ -105,6 +105,12 @@ fn large_messages_sent_on_arrive_whole_and_in_order_message_after_message() {
         }
         expect_echo_twice(&mut client, opcode, &message);
     }
+    // The four of 64 KiB or more went out without a copy (their second sends were copies).
+    assert_eq!(
+        handle.metrics().sent_lent,
+        4,
+        "messages sent on without a copy"
+    );
     handle.shutdown().expect("shutdown");
 }
 
@@ -130,5 +136,10 @@ fn a_large_message_sent_on_queues_behind_a_slow_reader_without_losing_bytes() {
         expect_echo_twice(&mut client, 2, message);
     }
     writing.join().unwrap();
+    assert_eq!(
+        handle.metrics().sent_lent,
+        4,
+        "messages sent on without a copy"
+    );
     handle.shutdown().expect("shutdown");
 }

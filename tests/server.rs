@@ -436,6 +436,22 @@ fn publish_reaches_subscribers_on_every_shard() {
     for (c, _) in &mut clients {
         assert_eq!(c.read_frame().payload, b"remote");
     }
+    // A frame of 512 B or more goes to each subscriber by reference; shorter ones are copied.
+    let before = handle.metrics();
+    let long: Vec<u8> = (0..2000).map(|i| i as u8).collect();
+    handle.publish("room", Message::Binary(&long));
+    for (c, _) in &mut clients {
+        assert!(c.read_frame().payload == long, "the long publication");
+    }
+    let after = handle.metrics();
+    let n = clients.len() as u64;
+    assert_eq!(after.fanout_deliveries - before.fanout_deliveries, n);
+    assert_eq!(
+        after.fanout_shared - before.fanout_shared,
+        n,
+        "shared, not copied"
+    );
+    assert_eq!(before.fanout_shared, 0, "the short ones were copied");
     handle.publish("nobody-listens", Message::Text("lost"));
     drop(clients);
     wait_idle(&handle);

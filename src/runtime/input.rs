@@ -12,6 +12,7 @@ use super::app::{App, DeferKey, Delivery, Session, Verdict};
 use super::config::millis;
 use super::conn::{Conn, Deferred, Phase, Recv, WsPart, NO_DEADLINE};
 use super::fault;
+use super::metrics::Metrics;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
 use super::slab::ConnId;
@@ -642,7 +643,7 @@ impl<A: App> Core<A> {
             };
             ctx.lent.at = None;
             if let Some(offset) = ctx.lent.offset.take() {
-                place_lent(c, offset);
+                place_lent(c, offset, &mut ctx.metrics);
             }
             if let Err(message) = outcome {
                 handler_panicked(c, mailbox, what, &message, now, close_ms);
@@ -668,14 +669,16 @@ impl<A: App> Core<A> {
 /// buffer is taken from the engine and goes out from where it is.
 #[cold]
 #[inline(never)]
-fn place_lent<S>(c: &mut Conn<S>, offset: usize) {
+fn place_lent<S>(c: &mut Conn<S>, offset: usize, metrics: &mut Metrics) {
     let message = c.ws.as_mut().and_then(|ws| ws.engine.take_lent_message());
     let output = c.link.output.as_deref_mut();
     let placed = match (message, output) {
         (Some(message), Some(output)) => output.lend(offset, message),
         _ => false,
     };
-    if !placed {
+    if placed {
+        metrics.sent_lent += 1;
+    } else {
         // Cannot happen: the message was lent by the engine and its header queued, and
         // nothing queues a piece during a callback. The stream would lack the payload its
         // header announced, so it ends here.

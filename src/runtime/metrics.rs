@@ -224,8 +224,14 @@ pub struct Metrics {
     /// Shards running without a provided-buffer ring (single-shot receives instead), because
     /// the kernel or the locked-memory limit did not allow one.
     pub buffer_ring_fallbacks: u64,
-    /// Publications and broadcasts copied into a subscriber's output.
+    /// Publications and broadcasts queued for a subscriber.
     pub fanout_deliveries: u64,
+    /// Of those, the ones queued by reference to the one shared frame, not copied (frames of
+    /// 512 B or more to plain-TCP subscribers).
+    pub fanout_shared: u64,
+    /// Messages sent on from the engine's buffer without a copy: reassembled or inflated
+    /// messages of 64 KiB or more that a callback sent as it was handed them.
+    pub sent_lent: u64,
     /// Publications and broadcasts skipped for a subscriber over the hard cap.
     pub fanout_skipped: u64,
     /// Requests from other threads refused because a shard's queue was full.
@@ -271,6 +277,8 @@ impl Metrics {
         self.recv_buffers_exhausted += o.recv_buffers_exhausted;
         self.buffer_ring_fallbacks += o.buffer_ring_fallbacks;
         self.fanout_deliveries += o.fanout_deliveries;
+        self.fanout_shared += o.fanout_shared;
+        self.sent_lent += o.sent_lent;
         self.fanout_skipped += o.fanout_skipped;
         self.commands_refused += o.commands_refused;
         self.tls_failures += o.tls_failures;

@@ -141,7 +141,7 @@ pub(crate) fn fan_out<S>(
     touched: &mut Vec<u32>,
     metrics: &mut Metrics,
 ) {
-    let (mut skipped, mut delivered) = (0, 0);
+    let (mut skipped, mut delivered, mut shared) = (0, 0, 0);
     let mut deliver = |c: &mut Conn<S>| {
         let link = &mut c.link;
         if !link.open {
@@ -154,6 +154,7 @@ pub(crate) fn fan_out<S>(
         let output = link.output.get_or_insert_with(Box::default);
         if frame.len() >= SHARE_FROM && link.shares {
             output.share(frame);
+            shared += 1;
         } else {
             output.corked.extend_from_slice(frame);
         }
@@ -181,6 +182,7 @@ pub(crate) fn fan_out<S>(
     }
     metrics.fanout_skipped += skipped;
     metrics.fanout_deliveries += delivered;
+    metrics.fanout_shared += shared;
     // Counted as sent messages too: the frame is a whole uncompressed message.
     metrics.sent.messages += delivered;
     metrics.sent.bytes += delivered * frame_payload_len(frame);

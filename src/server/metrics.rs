@@ -199,8 +199,20 @@ impl Collector for Snapshot {
         counter(
             e,
             "fanout_deliveries",
-            "Publications copied to a subscriber.",
+            "Publications queued for a subscriber.",
             m.fanout_deliveries,
+        )?;
+        counter(
+            e,
+            "fanout_shared",
+            "Publications queued for a subscriber by reference, not copied.",
+            m.fanout_shared,
+        )?;
+        counter(
+            e,
+            "sent_lent",
+            "Large messages sent on from the receive buffer without a copy.",
+            m.sent_lent,
         )?;
         counter(
             e,
