@@ -295,6 +295,12 @@ impl<H: Handler> Server<H> {
         if let Some(e) = unusable {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e.clone()));
         }
+        // A bad broker configuration is reported as such before anything is bound, not
+        // masked by a bind failure (and without taking the address meanwhile).
+        #[cfg(any(feature = "redis", feature = "nats"))]
+        if let Some(broker) = &b.broker {
+            broker.validate()?;
+        }
         let config = self.builder.config;
         let cpus = sys::allowed_cpus();
         let count = if config.shards == 0 {
