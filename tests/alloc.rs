@@ -40,34 +40,55 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const PAYLOAD: usize = 100;
-
-/// One masked binary frame of PAYLOAD bytes, as a client sends it.
-fn client_frame() -> Vec<u8> {
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x82, 0x80 | PAYLOAD as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend((0..PAYLOAD).map(|i| (i as u8) ^ mask[i % 4]));
-    frame
+/// What one test echoes: `per_batch` masked binary frames of `len` bytes, written at once,
+/// and the room to read their echoes into. Made before counting starts.
+struct Load {
+    len: usize,
+    batch: Vec<u8>,
+    reply: Vec<u8>,
 }
 
-/// Sends `count` frames in batches of 10 and reads every echo back into a fixed buffer.
-fn echo(stream: &mut TcpStream, frame: &[u8], count: usize) {
-    let mut batch = [0u8; 10 * (6 + PAYLOAD)];
-    for chunk in batch.chunks_mut(frame.len()) {
-        chunk.copy_from_slice(frame);
+impl Load {
+    fn new(len: usize, per_batch: usize) -> Load {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x82];
+        if len < 126 {
+            frame.push(0x80 | len as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend((0..len).map(|i| (i as u8) ^ mask[i % 4]));
+        let reply_header = if len < 126 { 2 } else { 4 };
+        Load {
+            len,
+            batch: frame.repeat(per_batch),
+            reply: vec![0; per_batch * (reply_header + len)],
+        }
     }
-    let reply_len = 2 + PAYLOAD;
-    let mut reply = [0u8; 10 * (2 + PAYLOAD)];
-    for _ in 0..count / 10 {
-        stream.write_all(&batch).unwrap();
-        stream.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..2], &[0x82, PAYLOAD as u8]);
-        assert_eq!(reply[reply_len - 1], (PAYLOAD - 1) as u8);
+
+    /// Writes batches until `count` frames went, reading every echo back.
+    fn echo(&mut self, stream: &mut TcpStream, count: usize) {
+        let per_batch = self.reply.len() / (self.len + if self.len < 126 { 2 } else { 4 });
+        for _ in 0..count / per_batch {
+            stream.write_all(&self.batch).unwrap();
+            stream.read_exact(&mut self.reply).unwrap();
+            assert_eq!(self.reply[0], 0x82);
+            assert_eq!(self.reply[self.reply.len() - 1], (self.len - 1) as u8);
+        }
     }
 }
 
-fn per_message_allocations(configure: impl FnOnce(&mut ringsock::server::Config)) -> f64 {
+/// One test at a time: the count is process-wide.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Allocations per echoed message of `len` bytes, and the messages sent on without a copy.
+fn per_message_allocations(
+    len: usize,
+    configure: impl FnOnce(&mut ringsock::server::Config),
+) -> (f64, u64) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let handle = Builder::new()
         .addr("127.0.0.1:0")
         .shards(1)
@@ -94,27 +115,40 @@ fn per_message_allocations(configure: impl FnOnce(&mut ringsock::server::Config)
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"));
-    let frame = client_frame();
-    echo(&mut stream, &frame, 2000); // warm up: buffers reach their working size
+    let messages = if len < 1024 { 20_000 } else { 4_000 };
+    let mut load = Load::new(len, if len < 1024 { 10 } else { 4 });
+    load.echo(&mut stream, 2000); // warm up: buffers reach their working size
     let before = ALLOCATIONS.load(Ordering::SeqCst);
-    let messages = 20_000;
-    echo(&mut stream, &frame, messages);
+    load.echo(&mut stream, messages);
     let after = ALLOCATIONS.load(Ordering::SeqCst);
+    let lent = handle.metrics().sent_lent;
     drop(stream);
     handle.shutdown().expect("clean shutdown");
-    (after - before) as f64 / messages as f64
+    ((after - before) as f64 / messages as f64, lent)
 }
 
 #[test]
 fn echo_path_does_not_allocate_per_message() {
-    let per_message = per_message_allocations(|_| {});
+    let (per_message, _) = per_message_allocations(100, |_| {});
     assert!(per_message < 0.01, "{per_message} allocations per message");
 }
 
 #[test]
 fn fallback_paths_do_not_allocate_per_message_either() {
-    let per_message = per_message_allocations(|c| {
+    let (per_message, _) = per_message_allocations(100, |c| {
         c.buffers.use_buffer_ring = false;
     });
+    assert!(per_message < 0.01, "{per_message} allocations per message");
+}
+
+#[test]
+fn messages_sent_on_without_a_copy_do_not_allocate_per_message() {
+    // 16 KiB and its header span two 16 KiB receive buffers: each one is reassembled, and
+    // the echo sends the reassembly buffer itself, which comes back once written.
+    let (per_message, lent) = per_message_allocations(16 * 1024, |_| {});
+    assert!(
+        lent >= 6000,
+        "{lent} of 6,000 messages sent on without a copy"
+    );
     assert!(per_message < 0.01, "{per_message} allocations per message");
 }

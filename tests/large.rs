@@ -1,5 +1,5 @@
 //! Large messages sent on without a copy: a handler that sends the message it was handed (a
-//! reassembled one of 64 KiB or more) has its buffer go to the output whole, and back to the
+//! reassembled one of 8 KiB or more) has its buffer go to the output whole, and back to an
 //! engine once written. These tests pin down what the client sees: every byte, in order
 //! with the sends around it, message after message (so a recycled buffer never leaks old
 //! bytes), text and binary, whole and fragmented.
@@ -87,14 +87,23 @@ fn large_messages_sent_on_arrive_whole_and_in_order_message_after_message() {
     // Room for a 3 MiB message sent twice.
     let handle = start(4 << 20);
     let mut client = upgraded(handle.local_addr());
-    for round in 0..6 {
-        // Sizes around the 64 KiB threshold and well above it; the largest first, so a
-        // recycled buffer is larger than the messages that reuse it.
-        let len = [3 << 20, 64 << 10, (64 << 10) - 1, 1 << 20, 200_000, 5][round];
+    // Sizes around the 8 KiB threshold and well above it, in three fragments (so always
+    // reassembled) or whole; the largest first, so a recycled buffer is larger than the
+    // messages that reuse it. All but the last two are lent.
+    let rounds = [
+        (3 << 20, true),
+        (64 << 10, false),
+        (8 << 10, true),
+        (1 << 20, true),
+        (200_000, false),
+        ((8 << 10) - 1, true),
+        (5, false),
+    ];
+    for (round, &(len, fragmented)) in rounds.iter().enumerate() {
         let text = round % 2 == 1;
         let opcode = if text { 1 } else { 2 };
         let message = payload(round, len, text);
-        if round % 3 == 0 {
+        if fragmented {
             // In three fragments.
             let third = len / 3;
             client.send_frame(false, opcode, &message[..third]);
@@ -105,10 +114,10 @@ fn large_messages_sent_on_arrive_whole_and_in_order_message_after_message() {
         }
         expect_echo_twice(&mut client, opcode, &message);
     }
-    // The four of 64 KiB or more went out without a copy (their second sends were copies).
+    // The five of 8 KiB or more went out without a copy (their second sends were copies).
     assert_eq!(
         handle.metrics().sent_lent,
-        4,
+        5,
         "messages sent on without a copy"
     );
     handle.shutdown().expect("shutdown");

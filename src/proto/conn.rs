@@ -23,12 +23,12 @@
 //! assert_eq!(pos, read.len());
 //! ```
 //!
-//! [`Connection::handle_read`] takes the bytes just read as `&mut [u8]`, unmasks payloads in
-//! place and returns at most one [`Event`] per call, borrowing either that buffer (a message
-//! that arrived whole in one read: no copy) or the connection's reassembly buffer (a message
-//! that spanned reads or frames). Bytes of a frame that is not complete yet are copied into the
-//! connection, so the caller never keeps unconsumed input: once `event` is `None`, all of the
-//! buffer was consumed and it can be reused.
+//! [`Connection::handle_read`] takes the bytes just read as `&mut [u8]` and returns at most one
+//! [`Event`] per call, borrowing either that buffer (a message that arrived whole in one read:
+//! unmasked in place, no copy) or the connection's reassembly buffer (a message that spanned
+//! reads or frames: unmasked as it is copied there, one pass). Bytes of a frame that is not
+//! complete yet are copied into the connection, so the caller never keeps unconsumed input:
+//! once `event` is `None`, all of the buffer was consumed and it can be reused.
 //!
 //! Obligations the RFC puts on the server are queued into the `out` sink during the call: a
 //! pong for every ping (§5.5.2), the close echo (§5.5.1), our close frame after a protocol error
@@ -330,8 +330,8 @@ impl Connection {
         self.deflate.is_some()
     }
 
-    /// Feeds received bytes, unmasking payloads in place. Call again with
-    /// `&mut buf[consumed..]` until `event` is `None`; by then all of `buf` was consumed.
+    /// Feeds received bytes; payloads handed out from `buf` are unmasked in place. Call again
+    /// with `&mut buf[consumed..]` until `event` is `None`; by then all of `buf` was consumed.
     pub fn handle_read<'a, S: Sink>(&'a mut self, buf: &'a mut [u8], out: &mut S) -> Progress<'a> {
         if self.lent {
             self.release_lent();
@@ -603,14 +603,15 @@ impl Connection {
         Some(message)
     }
 
-    /// Gives a buffer back for reassembling messages (one taken by
-    /// [`Connection::take_lent_message`] and written out): it is kept if the reassembly buffer
-    /// is empty and smaller, so the next large message needs no fresh allocation.
-    pub fn recycle(&mut self, buffer: Vec<u8>) {
+    /// Gives a buffer for reassembling messages (one taken by
+    /// [`Connection::take_lent_message`] and written out, this connection's or another's): it
+    /// is kept if the reassembly buffer is empty and smaller, so the next message that spans
+    /// reads needs no fresh allocation. Otherwise it is handed back.
+    pub fn recycle(&mut self, buffer: Vec<u8>) -> Option<Vec<u8>> {
         if self.lent {
-            return;
+            return Some(buffer);
         }
-        spill(&mut self.spill).reassembly.adopt(buffer);
+        spill(&mut self.spill).reassembly.adopt(buffer)
     }
 
     /// Whether the buffers for input that spans reads are allocated (they are freed by
@@ -799,12 +800,16 @@ impl Connection {
         let complete = take as u64 == frame.remaining;
         let chunk = &mut buf[start..end];
         let whole = frame.whole;
-        frame.phase = apply_mask(chunk, frame.mask, frame.phase);
+        // Each branch below unmasks the chunk from `phase`: in place where it is handed out
+        // from `buf`, on the way into the reassembly buffer where it is copied there.
+        let (mask, phase) = (frame.mask, frame.phase);
+        frame.phase = (phase + take) & 3;
         frame.remaining -= take as u64;
         frame.whole = false;
         self.frame = if complete { None } else { Some(frame) };
 
         if frame.opcode.is_control() {
+            apply_mask(chunk, mask, phase);
             if complete && whole {
                 let payload = &buf[start..end];
                 return self.handle_control(frame.opcode, payload, Source::Input(start..end), out);
@@ -831,6 +836,7 @@ impl Connection {
         };
         if frame.first && frame.fin && whole && complete {
             // The whole message is in this read: hand it out in place, no copy.
+            apply_mask(chunk, mask, phase);
             let opcode = message.opcode;
             let compressed = message.compressed;
             self.message = None;
@@ -844,6 +850,7 @@ impl Connection {
         let text = message.opcode == OpCode::Text && !message.compressed;
         message.len += take as u64;
         if self.config.stream_messages && !message.compressed {
+            apply_mask(chunk, mask, phase);
             if text {
                 message
                     .utf8
@@ -879,13 +886,9 @@ impl Connection {
             let expected = (take as u64 + frame.remaining).min(KEEP_CAPACITY as u64);
             reassembly.reserve(expected as usize);
         }
-        if text {
-            reassembly
-                .push_text(chunk)
-                .map_err(|_| ProtocolError::InvalidUtf8)?;
-        } else {
-            reassembly.push_bytes(chunk);
-        }
+        reassembly
+            .push_masked(chunk, mask, phase, text)
+            .map_err(|_| ProtocolError::InvalidUtf8)?;
         if !(complete && frame.fin) {
             return Ok(None);
         }

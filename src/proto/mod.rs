@@ -3,12 +3,13 @@
 //!
 //! * [`handshake`]: the HTTP/1.1 upgrade request, its validation and the 101 (or error) answer.
 //! * [`frame`]: frame headers, opcodes, encoding.
-//! * [`mask`]: in-place (un)masking, SIMD where the CPU has it.
+//! * [`mask`]: (un)masking in place or while copying, SIMD where the CPU has it.
 //! * [`utf8`]: incremental, fail-fast UTF-8 validation.
 //! * [`deflate`]: permessage-deflate negotiation and the per-message codec.
 //! * [`conn`]: the connection state machine that ties them together.
 //!
-//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live, and in two
+//! `unsafe` is denied here except in [`mask`], where the SIMD kernels live (and one `set_len`
+//! after a kernel filled a vector's spare capacity), and in two
 //! `from_utf8_unchecked` lines of [`utf8`]: [`utf8::validate`]'s ASCII fast path (checked by
 //! `is_ascii` just before it) and [`utf8::Utf8Buf::as_str`] (text validated as it was
 //! appended).

@@ -210,15 +210,16 @@ fn is_continuation_at(lead: u8, position: usize, byte: u8) -> bool {
 /// A byte buffer that validates text once, as it is appended, and then hands it out as
 /// `&str` without a second pass.
 ///
-/// Text enters only through [`push_text`](Self::push_text) (validated incrementally, failing
-/// fast) or [`check_text`](Self::check_text) (one whole-buffer pass after the bytes were
-/// written by [`vec_mut`](Self::vec_mut), e.g. by an inflater); anything else marks the
-/// contents as not text. [`as_str`](Self::as_str) relies on exactly that invariant.
+/// Text enters only through [`push_masked`](Self::push_masked) with `text` set (validated
+/// incrementally, failing fast) or [`check_text`](Self::check_text) (one whole-buffer pass
+/// after the bytes were written by [`vec_mut`](Self::vec_mut), e.g. by an inflater); anything
+/// else marks the contents as not text. [`as_str`](Self::as_str) relies on exactly that
+/// invariant.
 #[derive(Debug)]
 pub struct Utf8Buf {
     bytes: Vec<u8>,
     utf8: Utf8Validator,
-    /// Every byte since the last `clear` went through `push_text` or `check_text`.
+    /// Every byte since the last `clear` was validated by `push_masked` or `check_text`.
     text: bool,
 }
 
@@ -233,25 +234,30 @@ impl Default for Utf8Buf {
 }
 
 impl Utf8Buf {
-    /// Appends text, validating it as a continuation of what is there.
+    /// Appends a chunk of a masked payload unmasked, in one pass (see
+    /// [`extend_masked`](super::mask::extend_masked)), validating it as text if `text`.
+    /// Returns the mask phase after the chunk.
     ///
     /// # Errors
     /// As soon as the bytes so far cannot begin valid UTF-8; nothing is appended then.
     #[inline]
-    pub fn push_text(&mut self, chunk: &[u8]) -> Result<(), Utf8Error> {
-        if let Err(e) = self.utf8.feed(chunk) {
+    pub fn push_masked(
+        &mut self,
+        chunk: &[u8],
+        mask: [u8; 4],
+        phase: usize,
+        text: bool,
+    ) -> Result<usize, Utf8Error> {
+        let old = self.bytes.len();
+        let next = super::mask::extend_masked(&mut self.bytes, chunk, mask, phase);
+        if !text {
+            self.text = false;
+        } else if let Err(e) = self.utf8.feed(&self.bytes[old..]) {
+            self.bytes.truncate(old);
             self.text = false;
             return Err(e);
         }
-        self.bytes.extend_from_slice(chunk);
-        Ok(())
-    }
-
-    /// Appends bytes that are not validated (binary, or compressed data).
-    #[inline]
-    pub fn push_bytes(&mut self, chunk: &[u8]) {
-        self.text = false;
-        self.bytes.extend_from_slice(chunk);
+        Ok(next)
     }
 
     /// The vector itself, for a writer such as an inflater; the contents count as text again
@@ -287,7 +293,7 @@ impl Utf8Buf {
             return None;
         }
         // SAFETY: `text` is true only if every byte since the last `clear` was appended by
-        // `push_text`, which fed it to `self.utf8` in order and appended only what it
+        // `push_masked` with `text`, which fed it to `self.utf8` in order and kept only what it
         // accepted, or was checked whole by `check_text`; `utf8.is_complete()` says no code
         // point is left unfinished. So the bytes are valid UTF-8.
         Some(unsafe { std::str::from_utf8_unchecked(&self.bytes) })
@@ -322,15 +328,15 @@ impl Utf8Buf {
     }
 
     /// Uses `buffer`'s allocation from now on (its contents are dropped), if it is empty and
-    /// `buffer` is larger than its own; returns whether it did.
-    pub fn adopt(&mut self, mut buffer: Vec<u8>) -> bool {
+    /// `buffer` is larger than its own; otherwise hands `buffer` back.
+    pub fn adopt(&mut self, mut buffer: Vec<u8>) -> Option<Vec<u8>> {
         if !self.bytes.is_empty() || buffer.capacity() <= self.bytes.capacity() {
-            return false;
+            return Some(buffer);
         }
         buffer.clear();
         self.bytes = buffer;
         self.clear();
-        true
+        None
     }
 
     /// Empties it (keeping its capacity), ready for the next message.
@@ -562,17 +568,26 @@ mod tests {
 
     #[test]
     fn utf8_buf_hands_out_text_only_when_every_byte_was_validated() {
+        // Unmasked input: a zero mask.
+        fn push(buf: &mut Utf8Buf, bytes: &[u8], text: bool) -> Result<usize, Utf8Error> {
+            buf.push_masked(bytes, [0; 4], 0, text)
+        }
         let mut buf = Utf8Buf::default();
-        buf.push_text("héllo ".as_bytes()).unwrap();
+        push(&mut buf, "héllo ".as_bytes(), true).unwrap();
         let euro = "€".as_bytes();
-        buf.push_text(&euro[..1]).unwrap();
+        push(&mut buf, &euro[..1], true).unwrap();
         assert_eq!(buf.as_str(), None, "ends inside a code point");
-        buf.push_text(&euro[1..]).unwrap();
+        push(&mut buf, &euro[1..], true).unwrap();
         assert_eq!(buf.as_str(), Some("héllo €"));
-        assert!(buf.push_text(&[0xC0]).is_err());
+        assert!(push(&mut buf, &[0xC0], true).is_err());
         assert_eq!(buf.as_str(), None, "a failed push poisons it until clear");
+        assert_eq!(buf.as_bytes(), "héllo €".as_bytes(), "and appends nothing");
         buf.clear();
-        buf.push_bytes(b"abc");
+        // A masked chunk comes out unmasked.
+        assert_eq!(
+            buf.push_masked(&[b'a' ^ 1, b'b' ^ 2, b'c' ^ 3], [1, 2, 3, 4], 0, false),
+            Ok(3)
+        );
         assert_eq!(buf.as_str(), None, "unvalidated bytes are not text");
         buf.vec_mut().extend_from_slice(b"def");
         assert_eq!(buf.as_str(), None);

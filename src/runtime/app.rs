@@ -352,8 +352,53 @@ pub(crate) struct SendLimits {
 
 /// Messages at least this long that were reassembled (or inflated) are sent on without a
 /// copy when a callback sends the message it was handed: its buffer goes to the output
-/// whole and comes back to the engine once written. Shorter ones are copied.
-pub(crate) const LEND_FROM: usize = 64 * 1024;
+/// whole and, once written, back to an engine (its own, or through [`Spares`] the next one
+/// that lends). Shorter ones are copied. 8 KiB, down from 64 KiB: a 16 KiB echo (every one
+/// spans two 16 KiB receive buffers) then costs 17% less server CPU (100 connections x 16
+/// in flight, 3 alternated runs, medians 20.2 vs 16.6 µs per message).
+pub(crate) const LEND_FROM: usize = 8 * 1024;
+
+/// Buffers of lent messages that came back once written while their connection's engine had
+/// a buffer again: the next engine that lends its own gets one of them at once, so a stream
+/// of lent messages allocates nothing. Taken last in, first out (the warmest in cache).
+/// Bounded: at most [`Spares::MAX`] buffers of at most [`Spares::MAX_CAPACITY`] bytes; the
+/// sweep frees them all once a sweep interval passed without one taken.
+#[derive(Default)]
+pub(crate) struct Spares {
+    buffers: Vec<Vec<u8>>,
+    /// One was taken since the last sweep.
+    taken: bool,
+}
+
+impl Spares {
+    /// The most buffers kept.
+    pub const MAX: usize = 64;
+    /// The largest buffer kept (larger ones are freed: they came from rare large messages).
+    pub const MAX_CAPACITY: usize = 64 * 1024;
+
+    /// Keeps `buffer` for the next lend, or frees it if full or too large.
+    pub fn put(&mut self, buffer: Vec<u8>) {
+        if self.buffers.len() < Self::MAX && buffer.capacity() <= Self::MAX_CAPACITY {
+            self.buffers.push(buffer);
+        }
+    }
+
+    /// A buffer for an engine that just lent its own.
+    pub fn take(&mut self) -> Option<Vec<u8>> {
+        self.taken = true;
+        self.buffers.pop()
+    }
+
+    /// The sweep: frees every buffer if none was taken since the last sweep. Returns whether
+    /// it freed any.
+    pub fn sweep(&mut self) -> bool {
+        if std::mem::take(&mut self.taken) || self.buffers.is_empty() {
+            return false;
+        }
+        self.buffers = Vec::new();
+        true
+    }
+}
 
 /// The message being delivered, when it sits in a buffer of the engine's that may be sent on
 /// as it is (see [`LEND_FROM`]).
@@ -391,6 +436,8 @@ pub(crate) struct Ctx {
     pub metrics: Metrics,
     /// The message being delivered, if it may be sent on without a copy.
     pub lent: LentMessage,
+    /// Buffers of lent messages, for engines that lend theirs.
+    pub spares: Spares,
 }
 
 impl Ctx {

@@ -8,11 +8,10 @@ use std::any::Any;
 use std::sync::Arc;
 
 use super::app::LEND_FROM;
-use super::app::{App, DeferKey, Delivery, Session, Verdict};
+use super::app::{App, Ctx, DeferKey, Delivery, Session, Verdict};
 use super::config::millis;
 use super::conn::{Conn, Deferred, Phase, Recv, WsPart, NO_DEADLINE};
 use super::fault;
-use super::metrics::Metrics;
 use super::ring::Cqe;
 use super::shard::{handler_panicked, Core, Shard};
 use super::slab::ConnId;
@@ -643,7 +642,7 @@ impl<A: App> Core<A> {
             };
             ctx.lent.at = None;
             if let Some(offset) = ctx.lent.offset.take() {
-                place_lent(c, offset, &mut ctx.metrics);
+                place_lent(c, offset, ctx);
             }
             if let Err(message) = outcome {
                 handler_panicked(c, mailbox, what, &message, now, close_ms);
@@ -666,18 +665,26 @@ impl<A: App> Core<A> {
 }
 
 /// Places the message the callback sent on (see `send_lent`) after its frame header: its
-/// buffer is taken from the engine and goes out from where it is.
-#[cold]
+/// buffer is taken from the engine and goes out from where it is. The engine gets a spare
+/// buffer in its place, if the shard has one.
 #[inline(never)]
-fn place_lent<S>(c: &mut Conn<S>, offset: usize, metrics: &mut Metrics) {
-    let message = c.ws.as_mut().and_then(|ws| ws.engine.take_lent_message());
+fn place_lent<S>(c: &mut Conn<S>, offset: usize, ctx: &mut Ctx) {
+    let message = c.ws.as_mut().and_then(|ws| {
+        let message = ws.engine.take_lent_message();
+        if let Some(spare) = message.as_ref().and_then(|_| ctx.spares.take()) {
+            if let Some(unused) = ws.engine.recycle(spare) {
+                ctx.spares.put(unused);
+            }
+        }
+        message
+    });
     let output = c.link.output.as_deref_mut();
     let placed = match (message, output) {
         (Some(message), Some(output)) => output.lend(offset, message),
         _ => false,
     };
     if placed {
-        metrics.sent_lent += 1;
+        ctx.metrics.sent_lent += 1;
     } else {
         // Cannot happen: the message was lent by the engine and its header queued, and
         // nothing queues a piece during a callback. The stream would lack the payload its

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::app::{App, Ctx, LentMessage, SendLimits, Session};
+use super::app::{App, Ctx, LentMessage, SendLimits, Session, Spares};
 use super::command::{Command, Mailbox};
 use super::config::{millis, ShardConfig};
 use super::conn::{Conn, Phase, Recv};
@@ -202,6 +202,7 @@ impl<A: App> Shard<A> {
                     ..Metrics::default()
                 },
                 lent: LentMessage::default(),
+                spares: Spares::default(),
             },
             now: 0,
             close_ms: millis(t.close),
@@ -756,10 +757,15 @@ impl<A: App> Core<A> {
         };
         let res = output.send.complete(cqe, usize::MAX);
         let unsent = output.send.remaining();
-        if let Some(buffer) = output.send.take_reclaimed() {
-            // A message sent on as it was received: its buffer reassembles the next one.
-            if let Some(ws) = c.ws.as_mut() {
-                ws.engine.recycle(buffer);
+        while let Some(buffer) = output.send.take_reclaimed() {
+            // A message sent on as it was received: its buffer reassembles the next one, here
+            // or, if this engine has one again, on the next connection that lends its own.
+            let unused = match c.ws.as_mut() {
+                Some(ws) => ws.engine.recycle(buffer),
+                None => Some(buffer),
+            };
+            if let Some(buffer) = unused {
+                self.ctx.spares.put(buffer);
             }
         }
         if res < 0 && !c.is_dead() {

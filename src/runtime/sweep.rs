@@ -3,7 +3,7 @@
 //! shutdown, the accept retry after descriptor exhaustion, freeing the large buffers of
 //! quiet connections, and the heartbeat a watchdog reads from the mailbox.
 
-use super::app::App;
+use super::app::{App, Spares};
 use super::config::millis;
 use super::conn::Conn;
 use super::shard::Shard;
@@ -57,6 +57,9 @@ impl<A: App> Shard<A> {
                     core.ctx.touch(&mut c.link);
                 }
             }
+        }
+        if core.ctx.spares.sweep() {
+            core.gave_back += Spares::MAX as u64;
         }
         if core.gave_back >= TRIM_AFTER && now >= core.trimmed_at.saturating_add(TRIM_EVERY_MS) {
             sys::trim_heap();

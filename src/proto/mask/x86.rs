@@ -1,17 +1,20 @@
-//! x86-64 masking kernels: AVX2 (runtime-detected) and SSE2 (part of the x86-64 baseline).
+//! x86-64 masking kernels: in place, AVX2 (runtime-detected) and SSE2 (part of the x86-64
+//! baseline); while copying, AVX2 (without it the portable kernel).
 //!
 //! The kernel is chosen on the first call and cached in [`KERNEL`], so later calls cost one
-//! relaxed load and a predictable branch. Both kernels use unaligned loads and stores, so any
-//! `buf` works; long buffers first mask a short head to reach vector alignment, so the main
-//! loop never splits a cache line.
+//! relaxed load and a predictable branch. The kernels use unaligned loads and stores, so any
+//! buffer works; the in-place ones first mask a short head to reach vector alignment on
+//! buffers of [`ALIGN_FROM`] bytes or more, the copying one always aligns its stores, so the
+//! main loops never split a cache line they write.
 
 use std::arch::x86_64::{
     __m128i, __m256i, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_xor_si256, _mm_loadu_si128,
     _mm_storeu_si128, _mm_xor_si128,
 };
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{mask_tail, rotate};
+use super::{mask_into_portable, mask_tail, rotate};
 
 /// [`KERNEL`] before detection ran.
 const UNDETECTED: u8 = 0;
@@ -28,8 +31,9 @@ static KERNEL: AtomicU8 = AtomicU8::new(UNDETECTED);
 /// split cache lines it saves.
 const ALIGN_FROM: usize = 256;
 
-/// Buffers shorter than this take [`mask_small`], inlined into the caller: for them the call
-/// into an out-of-line `#[target_feature]` kernel costs more than AVX2 saves.
+/// Buffers shorter than this take [`mask_small`] (in place, inlined into the caller) or the
+/// portable kernel (copying): for them the call into an out-of-line `#[target_feature]`
+/// kernel costs more than AVX2 saves.
 const SMALL_BELOW: usize = 128;
 
 /// Dispatches to [`mask_small`] or the detected kernel.
@@ -51,6 +55,26 @@ pub(super) fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
             apply_mask(buf, mask, phase)
         }
     }
+}
+
+/// Dispatches [`super::mask_into`]: AVX2 where the CPU has it, else the portable kernel
+/// (the copying form has no SSE2 kernel; without AVX2 it is 8 bytes per step).
+#[inline]
+pub(super) fn mask_into(
+    dst: &mut [MaybeUninit<u8>],
+    src: &[u8],
+    mask: [u8; 4],
+    phase: usize,
+) -> usize {
+    if src.len() >= SMALL_BELOW
+        && (cfg!(target_feature = "avx2")
+            || KERNEL.load(Ordering::Relaxed) == AVX2
+            || detect() == AVX2)
+    {
+        // SAFETY: AVX2 is compiled in or was detected just above.
+        return unsafe { mask_into_avx2(dst, src, mask, phase) };
+    }
+    mask_into_portable(dst, src, mask, phase)
 }
 
 /// The name of the detected kernel.
@@ -234,9 +258,53 @@ pub(super) unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], phase: usize
     next
 }
 
+/// AVX2 copying kernel: reads `src` once and writes it unmasked to `dst` (as long as `src`),
+/// 128 bytes per iteration in four 32-byte vectors, after a head that aligns the stores.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn mask_into_avx2(
+    dst: &mut [MaybeUninit<u8>],
+    src: &[u8],
+    mask: [u8; 4],
+    phase: usize,
+) -> usize {
+    assert_eq!(dst.len(), src.len());
+    let next = (phase + src.len()) & 3;
+    let head = ((dst.as_ptr() as usize).wrapping_neg() & 31).min(src.len());
+    let (dst_head, dst) = dst.split_at_mut(head);
+    let (src_head, src) = src.split_at(head);
+    let phase = mask_into_portable(dst_head, src_head, mask, phase);
+    let word = rotate(mask, phase);
+    let pattern = [word; 8];
+    let mut to = dst.chunks_exact_mut(128);
+    let mut from = src.chunks_exact(128);
+    for (d, s) in (&mut to).zip(&mut from) {
+        // SAFETY: `d` and `s` are 128 bytes each, so the four 32-byte accesses at `p..p + 4`
+        // and `q..q + 4` stay inside them; `pattern` is 32 bytes; unaligned intrinsics need no
+        // alignment; storing to `MaybeUninit<u8>` memory initialises it; the caller guarantees
+        // AVX2.
+        unsafe {
+            let m = _mm256_loadu_si256(pattern.as_ptr().cast());
+            let q = s.as_ptr().cast::<__m256i>();
+            let p = d.as_mut_ptr().cast::<__m256i>();
+            let (a, b) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
+            let (c, e) = (_mm256_loadu_si256(q.add(2)), _mm256_loadu_si256(q.add(3)));
+            _mm256_storeu_si256(p, _mm256_xor_si256(a, m));
+            _mm256_storeu_si256(p.add(1), _mm256_xor_si256(b, m));
+            _mm256_storeu_si256(p.add(2), _mm256_xor_si256(c, m));
+            _mm256_storeu_si256(p.add(3), _mm256_xor_si256(e, m));
+        }
+    }
+    // Whole blocks leave the phase unchanged, so the rest continues from `phase`.
+    mask_into_portable(to.into_remainder(), from.remainder(), mask, phase);
+    next
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::tests::check_kernel;
+    use super::super::tests::{check_into_kernel, check_kernel};
     use super::*;
 
     #[test]
@@ -260,6 +328,23 @@ mod tests {
             |buf, mask, phase| {
                 // SAFETY: AVX2 was detected just above.
                 unsafe { apply_mask_avx2(buf, mask, phase) }
+            },
+        );
+    }
+
+    #[test]
+    fn avx2_mask_into_matches_scalar_at_every_length_and_offset() {
+        if !std::is_x86_feature_detected!("avx2") {
+            eprintln!("skipping: this CPU has no AVX2");
+            return;
+        }
+        check_into_kernel(
+            "avx2 into",
+            (0..=300).chain([511, 512, 513, 1000]),
+            [0, 1, 3, 17, 31].into_iter(),
+            |dst, src, mask, phase| {
+                // SAFETY: AVX2 was detected just above.
+                unsafe { mask_into_avx2(dst, src, mask, phase) }
             },
         );
     }

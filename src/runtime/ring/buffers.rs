@@ -40,8 +40,8 @@ pub(crate) struct SendBuf {
     pub(super) data: Vec<u8>,
     /// Pieces sent from where they are, each after `data[..offset]`, in order.
     pub(super) pieces: Vec<(usize, Piece)>,
-    /// A lent buffer written out, until taken back.
-    pub(super) reclaimed: Option<Vec<u8>>,
+    /// Lent buffers written out, until taken back.
+    pub(super) reclaimed: Vec<Vec<u8>>,
     /// Bytes of `data` and `pieces` together.
     pub(super) total: usize,
     /// Bytes of `data` and `pieces` written.
@@ -111,9 +111,9 @@ impl SendBuf {
             .sum::<usize>();
     }
 
-    /// A lent buffer whose bytes were all written, to reuse.
+    /// A lent buffer whose bytes were all written, to reuse (one per call, until `None`).
     pub fn take_reclaimed(&mut self) -> Option<Vec<u8>> {
-        self.reclaimed.take()
+        self.reclaimed.pop()
     }
 
     /// Whether the unsent bytes include shared frames (then the send is vectored).
@@ -179,7 +179,7 @@ impl SendBuf {
             self.data.clear();
             for (_, piece) in self.pieces.drain(..) {
                 if let Piece::Lent(buffer) = piece {
-                    self.reclaimed = Some(buffer);
+                    self.reclaimed.push(buffer);
                 }
             }
             self.pos = 0;
@@ -201,7 +201,7 @@ impl SendBuf {
             }
             self.pieces = Vec::new();
             self.vectored = None;
-            self.reclaimed = None;
+            self.reclaimed = Vec::new();
         }
     }
 
