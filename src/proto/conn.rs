@@ -1026,4 +1026,4 @@ fn encode_close<S: Sink>(out: &mut S, code: Option<CloseCode>, reason: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1412,6 +1412,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::proto::conn::tests::proptest_config())]
         #[test]
         fn arbitrary_bytes_never_panic(
             buf in prop::collection::vec(any::<u8>(), 0..512),

@@ -505,6 +505,7 @@ fn messages_split_across_reads_are_unmasked_on_their_way_into_the_reassembly_buf
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "libdeflate is C, which Miri cannot run")]
 fn a_compressed_message_split_across_reads_inflates_to_what_was_sent() {
     use crate::proto::deflate::{DeflateConfig, DeflateParams};
     let params = DeflateParams {
@@ -677,7 +678,22 @@ fn encode(items: &[Item], masks: &[[u8; 4]]) -> (Vec<u8>, Vec<Owned>) {
     (wire, expected)
 }
 
+/// The property tests' settings: under Miri a few cases and no failure file (Miri keeps the
+/// tests away from the file system), the defaults otherwise.
+pub(crate) fn proptest_config() -> ProptestConfig {
+    if cfg!(miri) {
+        ProptestConfig {
+            cases: 4,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    } else {
+        ProptestConfig::default()
+    }
+}
+
 proptest! {
+    #![proptest_config(proptest_config())]
     #[test]
     fn any_split_of_the_input_yields_the_same_events(
         items in prop::collection::vec(item(), 0..8),
@@ -772,6 +788,7 @@ fn drive_streaming(config: Config, chunks: &[&[u8]]) -> Vec<Owned> {
 }
 
 proptest! {
+    #![proptest_config(proptest_config())]
     #[test]
     fn streamed_pieces_join_to_the_same_messages_for_any_split(
         items in prop::collection::vec(item(), 0..8),
