@@ -6,6 +6,7 @@
 //! per batch of completions.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -200,9 +201,9 @@ impl Output {
     }
 
     /// Queues a frame shared with other connections, by reference.
-    pub fn share(&mut self, frame: &Bytes) {
+    pub fn share(&mut self, frame: &Rc<Bytes>) {
         self.pieces
-            .push((self.corked.len(), Piece::Shared(frame.clone())));
+            .push((self.corked.len(), Piece::Shared(Rc::clone(frame))));
         self.pieces_len += frame.len();
     }
 

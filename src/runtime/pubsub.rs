@@ -5,6 +5,7 @@
 //! each topic and of every local publication.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -142,6 +143,8 @@ pub(crate) fn fan_out<S>(
     metrics: &mut Metrics,
 ) {
     let (mut skipped, mut delivered, mut shared) = (0, 0, 0);
+    // One count for this shard's references (see `Piece::Shared`).
+    let local = Rc::new(frame.clone());
     let mut deliver = |c: &mut Conn<S>| {
         let link = &mut c.link;
         if !link.open {
@@ -153,7 +156,7 @@ pub(crate) fn fan_out<S>(
         }
         let output = link.output.get_or_insert_with(Box::default);
         if frame.len() >= SHARE_FROM && link.shares {
-            output.share(frame);
+            output.share(&local);
             shared += 1;
         } else {
             output.corked.extend_from_slice(frame);

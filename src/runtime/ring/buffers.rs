@@ -7,6 +7,8 @@
 
 use std::ptr::NonNull;
 
+use std::rc::Rc;
+
 use bytes::Bytes;
 use io_uring::types::Timespec;
 
@@ -14,8 +16,11 @@ use super::Cqe;
 
 /// Bytes sent from where they are, between a connection's corked bytes.
 pub(crate) enum Piece {
-    /// A frame shared with other connections (a publication).
-    Shared(Bytes),
+    /// A frame shared with the shard's other connections (a publication). Counted with `Rc`,
+    /// not `Bytes`' atomic count: a publication to 1,000 subscribers is 1,000 clones, and
+    /// the atomic ones cost 10% of the server's CPU at 2,000 publications/s (`perf record`).
+    /// Queued frames never leave their shard's thread.
+    Shared(Rc<Bytes>),
     /// A buffer handed over whole (a received message sent on as it is), given back once
     /// written ([`SendBuf::take_reclaimed`]).
     Lent(Vec<u8>),
