@@ -236,7 +236,6 @@ impl Default for Utf8Buf {
 impl Utf8Buf {
     /// Appends a chunk of a masked payload unmasked, in one pass (see
     /// [`extend_masked`](super::mask::extend_masked)), validating it as text if `text`.
-    /// Returns the mask phase after the chunk.
     ///
     /// # Errors
     /// As soon as the bytes so far cannot begin valid UTF-8; nothing is appended then.
@@ -247,9 +246,9 @@ impl Utf8Buf {
         mask: [u8; 4],
         phase: usize,
         text: bool,
-    ) -> Result<usize, Utf8Error> {
+    ) -> Result<(), Utf8Error> {
         let old = self.bytes.len();
-        let next = super::mask::extend_masked(&mut self.bytes, chunk, mask, phase);
+        super::mask::extend_masked(&mut self.bytes, chunk, mask, phase);
         if !text {
             self.text = false;
         } else if let Err(e) = self.utf8.feed(&self.bytes[old..]) {
@@ -257,7 +256,7 @@ impl Utf8Buf {
             self.text = false;
             return Err(e);
         }
-        Ok(next)
+        Ok(())
     }
 
     /// The vector itself, for a writer such as an inflater; the contents count as text again
@@ -569,7 +568,7 @@ mod tests {
     #[test]
     fn utf8_buf_hands_out_text_only_when_every_byte_was_validated() {
         // Unmasked input: a zero mask.
-        fn push(buf: &mut Utf8Buf, bytes: &[u8], text: bool) -> Result<usize, Utf8Error> {
+        fn push(buf: &mut Utf8Buf, bytes: &[u8], text: bool) -> Result<(), Utf8Error> {
             buf.push_masked(bytes, [0; 4], 0, text)
         }
         let mut buf = Utf8Buf::default();
@@ -586,8 +585,9 @@ mod tests {
         // A masked chunk comes out unmasked.
         assert_eq!(
             buf.push_masked(&[b'a' ^ 1, b'b' ^ 2, b'c' ^ 3], [1, 2, 3, 4], 0, false),
-            Ok(3)
+            Ok(())
         );
+        assert_eq!(buf.as_bytes(), b"abc");
         assert_eq!(buf.as_str(), None, "unvalidated bytes are not text");
         buf.vec_mut().extend_from_slice(b"def");
         assert_eq!(buf.as_str(), None);

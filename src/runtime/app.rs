@@ -390,14 +390,13 @@ impl Spares {
         self.buffers.pop()
     }
 
-    /// The sweep: frees every buffer if none was taken since the last sweep. Returns whether
-    /// it freed any.
-    pub fn sweep(&mut self) -> bool {
-        if std::mem::take(&mut self.taken) || self.buffers.is_empty() {
-            return false;
+    /// The sweep: frees every buffer if none was taken since the last sweep. Returns how
+    /// many it freed.
+    pub fn sweep(&mut self) -> usize {
+        if std::mem::take(&mut self.taken) {
+            return 0;
         }
-        self.buffers = Vec::new();
-        true
+        std::mem::take(&mut self.buffers).len()
     }
 }
 

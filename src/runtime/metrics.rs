@@ -230,7 +230,7 @@ pub struct Metrics {
     /// 512 B or more to plain-TCP subscribers).
     pub fanout_shared: u64,
     /// Messages sent on from the engine's buffer without a copy: reassembled or inflated
-    /// messages of 64 KiB or more that a callback sent as it was handed them.
+    /// messages of 8 KiB or more that a callback sent as it was handed them.
     pub sent_lent: u64,
     /// Publications and broadcasts skipped for a subscriber over the hard cap.
     pub fanout_skipped: u64,

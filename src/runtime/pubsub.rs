@@ -143,8 +143,9 @@ pub(crate) fn fan_out<S>(
     metrics: &mut Metrics,
 ) {
     let (mut skipped, mut delivered, mut shared) = (0, 0, 0);
-    // One count for this shard's references (see `Piece::Shared`).
-    let local = Rc::new(frame.clone());
+    // One count for this shard's references (see `Piece::Shared`), made on the first share:
+    // short frames and TLS subscribers copy, and need none.
+    let mut local: Option<Rc<Bytes>> = None;
     let mut deliver = |c: &mut Conn<S>| {
         let link = &mut c.link;
         if !link.open {
@@ -156,7 +157,7 @@ pub(crate) fn fan_out<S>(
         }
         let output = link.output.get_or_insert_with(Box::default);
         if frame.len() >= SHARE_FROM && link.shares {
-            output.share(&local);
+            output.share(local.get_or_insert_with(|| Rc::new(frame.clone())));
             shared += 1;
         } else {
             output.corked.extend_from_slice(frame);

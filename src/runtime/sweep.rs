@@ -3,7 +3,7 @@
 //! shutdown, the accept retry after descriptor exhaustion, freeing the large buffers of
 //! quiet connections, and the heartbeat a watchdog reads from the mailbox.
 
-use super::app::{App, Spares};
+use super::app::App;
 use super::config::millis;
 use super::conn::Conn;
 use super::shard::Shard;
@@ -58,9 +58,7 @@ impl<A: App> Shard<A> {
                 }
             }
         }
-        if core.ctx.spares.sweep() {
-            core.gave_back += Spares::MAX as u64;
-        }
+        core.gave_back += core.ctx.spares.sweep() as u64;
         if core.gave_back >= TRIM_AFTER && now >= core.trimmed_at.saturating_add(TRIM_EVERY_MS) {
             sys::trim_heap();
             core.gave_back = 0;

@@ -292,7 +292,8 @@ pub(crate) mod tests {
         for (i, b) in source.0.iter_mut().enumerate() {
             *b = (i * 7 + 3) as u8;
         }
-        let mut dst = Box::new([MaybeUninit::<u8>::uninit(); 1024 + 128]);
+        // Room for the 64-byte alignment, 32 offsets, the longest length and 64 bytes after.
+        let mut dst = Box::new([MaybeUninit::<u8>::uninit(); 64 + 32 + 1024 + 64]);
         // 64-byte aligned, like `Aligned`.
         let base = dst.as_ptr().align_offset(64);
         for len in lengths {

@@ -6,7 +6,6 @@
 //! dies with operations pending cannot free memory the kernel may still write).
 
 use std::ptr::NonNull;
-
 use std::rc::Rc;
 
 use bytes::Bytes;
