@@ -8,8 +8,8 @@
 //! main loops never split a cache line they write.
 
 use std::arch::x86_64::{
-    __m128i, __m256i, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_xor_si256, _mm_loadu_si128,
-    _mm_storeu_si128, _mm_xor_si128,
+    __m128i, __m256i, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_stream_si256,
+    _mm256_xor_si256, _mm_loadu_si128, _mm_sfence, _mm_storeu_si128, _mm_xor_si128,
 };
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -58,13 +58,15 @@ pub(super) fn apply_mask(buf: &mut [u8], mask: [u8; 4], phase: usize) -> usize {
 }
 
 /// Dispatches [`super::mask_into`]: AVX2 where the CPU has it, else the portable kernel
-/// (the copying form has no SSE2 kernel; without AVX2 it is 8 bytes per step).
+/// (the copying form has no SSE2 kernel; without AVX2 it is 8 bytes per step). With `stream`
+/// the AVX2 kernel writes with non-temporal stores, which bypass the cache.
 #[inline]
 pub(super) fn mask_into(
     dst: &mut [MaybeUninit<u8>],
     src: &[u8],
     mask: [u8; 4],
     phase: usize,
+    stream: bool,
 ) -> usize {
     if src.len() >= SMALL_BELOW
         && (cfg!(target_feature = "avx2")
@@ -72,7 +74,13 @@ pub(super) fn mask_into(
             || detect() == AVX2)
     {
         // SAFETY: AVX2 is compiled in or was detected just above.
-        return unsafe { mask_into_avx2(dst, src, mask, phase) };
+        return unsafe {
+            if stream {
+                mask_into_avx2::<true>(dst, src, mask, phase)
+            } else {
+                mask_into_avx2::<false>(dst, src, mask, phase)
+            }
+        };
     }
     mask_into_portable(dst, src, mask, phase)
 }
@@ -260,11 +268,13 @@ pub(super) unsafe fn apply_mask_avx2(buf: &mut [u8], mask: [u8; 4], phase: usize
 
 /// AVX2 copying kernel: reads `src` once and writes it unmasked to `dst` (as long as `src`),
 /// 128 bytes per iteration in four 32-byte vectors, after a head that aligns the stores.
+/// With `STREAM` the aligned stores are non-temporal, and a store fence ends the call, so
+/// whatever reads `dst` next sees them as ordinary writes.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
-unsafe fn mask_into_avx2(
+unsafe fn mask_into_avx2<const STREAM: bool>(
     dst: &mut [MaybeUninit<u8>],
     src: &[u8],
     mask: [u8; 4],
@@ -283,19 +293,33 @@ unsafe fn mask_into_avx2(
     for (d, s) in (&mut to).zip(&mut from) {
         // SAFETY: `d` and `s` are 128 bytes each, so the four 32-byte accesses at `p..p + 4`
         // and `q..q + 4` stay inside them; `pattern` is 32 bytes; unaligned intrinsics need no
-        // alignment; storing to `MaybeUninit<u8>` memory initialises it; the caller guarantees
-        // AVX2.
+        // alignment, and the streaming stores get the 32 they need (`d` starts after the head
+        // and steps by 128); storing to `MaybeUninit<u8>` memory initialises it; the caller
+        // guarantees AVX2.
         unsafe {
             let m = _mm256_loadu_si256(pattern.as_ptr().cast());
             let q = s.as_ptr().cast::<__m256i>();
             let p = d.as_mut_ptr().cast::<__m256i>();
             let (a, b) = (_mm256_loadu_si256(q), _mm256_loadu_si256(q.add(1)));
             let (c, e) = (_mm256_loadu_si256(q.add(2)), _mm256_loadu_si256(q.add(3)));
-            _mm256_storeu_si256(p, _mm256_xor_si256(a, m));
-            _mm256_storeu_si256(p.add(1), _mm256_xor_si256(b, m));
-            _mm256_storeu_si256(p.add(2), _mm256_xor_si256(c, m));
-            _mm256_storeu_si256(p.add(3), _mm256_xor_si256(e, m));
+            if STREAM {
+                _mm256_stream_si256(p, _mm256_xor_si256(a, m));
+                _mm256_stream_si256(p.add(1), _mm256_xor_si256(b, m));
+                _mm256_stream_si256(p.add(2), _mm256_xor_si256(c, m));
+                _mm256_stream_si256(p.add(3), _mm256_xor_si256(e, m));
+            } else {
+                _mm256_storeu_si256(p, _mm256_xor_si256(a, m));
+                _mm256_storeu_si256(p.add(1), _mm256_xor_si256(b, m));
+                _mm256_storeu_si256(p.add(2), _mm256_xor_si256(c, m));
+                _mm256_storeu_si256(p.add(3), _mm256_xor_si256(e, m));
+            }
         }
+    }
+    if STREAM {
+        // Non-temporal stores are weakly ordered: the fence orders them before every later
+        // access to `dst`, by this thread or by one it hands the buffer to (SAFETY of the
+        // intrinsic: https://doc.rust-lang.org/core/arch/x86_64/fn._mm256_stream_si256.html).
+        _mm_sfence();
     }
     // Whole blocks leave the phase unchanged, so the rest continues from `phase`.
     mask_into_portable(to.into_remainder(), from.remainder(), mask, phase);
@@ -344,7 +368,16 @@ mod tests {
             [0, 1, 3, 17, 31].into_iter(),
             |dst, src, mask, phase| {
                 // SAFETY: AVX2 was detected just above.
-                unsafe { mask_into_avx2(dst, src, mask, phase) }
+                unsafe { mask_into_avx2::<false>(dst, src, mask, phase) }
+            },
+        );
+        check_into_kernel(
+            "avx2 streaming into",
+            (0..=300).chain([511, 512, 513, 1000]),
+            [0, 1, 3, 17, 31].into_iter(),
+            |dst, src, mask, phase| {
+                // SAFETY: AVX2 was detected just above.
+                unsafe { mask_into_avx2::<true>(dst, src, mask, phase) }
             },
         );
     }
