@@ -170,6 +170,9 @@ pub struct Progress<'a> {
     pub event: Option<Event<'a>>,
     /// The event is a message that came compressed (permessage-deflate).
     pub compressed: bool,
+    /// Frames whose header this call read: what the input cost beyond its bytes (an I/O
+    /// layer that shares its time between connections charges for them).
+    pub frames: u32,
 }
 
 /// The frame whose payload is being read.
@@ -337,6 +340,7 @@ impl Connection {
             self.release_lent();
         }
         let mut pos = 0;
+        let mut frames = 0;
         let ready = loop {
             if self.state == State::Closed {
                 // RFC 6455 §5.5.1: nothing after the close frame is processed.
@@ -349,12 +353,16 @@ impl Connection {
             }
             if self.frame.is_none() && self.header_len == 0 && self.message.is_none() {
                 if let Some(ready) = self.read_whole_frame(buf, &mut pos) {
+                    frames += 1;
                     break Some(ready);
                 }
             }
             if self.frame.is_none() {
                 match self.read_header(&buf[pos..]) {
-                    Ok(Some(used)) => pos += used,
+                    Ok(Some(used)) => {
+                        pos += used;
+                        frames += 1;
+                    }
                     Ok(None) => {
                         pos = buf.len();
                         break None;
@@ -426,6 +434,7 @@ impl Connection {
             consumed: pos,
             event,
             compressed,
+            frames,
         }
     }
 

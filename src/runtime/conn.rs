@@ -135,7 +135,8 @@ pub(crate) struct Conn<S> {
     pub over_mark: bool,
     /// The completion loop's round (its low 16 bits) in which `recv_kib` was counted.
     pub recv_round: u16,
-    /// KiB received in that round, against the per-round budget (see `Shard::over_budget`).
+    /// KiB received in that round plus a charge per frame parsed, against the per-round
+    /// budget (see `Shard::over_budget`).
     pub recv_kib: u16,
     /// What sessions touch: output, open flag, topics.
     pub link: Link,

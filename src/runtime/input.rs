@@ -13,7 +13,7 @@ use super::config::millis;
 use super::conn::{Conn, Deferred, Phase, Recv, WsPart, NO_DEADLINE};
 use super::fault;
 use super::ring::Cqe;
-use super::shard::{handler_panicked, Core, Shard};
+use super::shard::{handler_panicked, Core, Shard, FRAME_COST_KIB};
 use super::slab::ConnId;
 use super::tls::tls_failed;
 use super::token::{Op, Token};
@@ -566,6 +566,7 @@ impl<A: App> Core<A> {
                 .then_some((bytes.as_ptr() as usize, bytes.len()))
         };
         let mut pos = 0;
+        let mut frames = 0u32;
         while matches!(c.phase, Phase::Ws) {
             let Some(ws) = c.ws.as_mut() else { break };
             let WsPart {
@@ -575,6 +576,7 @@ impl<A: App> Core<A> {
             } = ws;
             let progress = engine.handle_read(&mut data[pos..], c.link.out());
             pos += progress.consumed;
+            frames += progress.frames;
             let Some(event) = progress.event else { break };
             let compressed = progress.compressed;
             let failed = matches!(event, Event::Error(_));
@@ -660,6 +662,11 @@ impl<A: App> Core<A> {
                 break;
             }
         }
+        // Against the connection's share of the round (see `Shard::over_budget`).
+        let cost = frames.saturating_mul(FRAME_COST_KIB);
+        c.recv_kib = c
+            .recv_kib
+            .saturating_add(u16::try_from(cost).unwrap_or(u16::MAX));
         ctx.touch(&mut c.link);
     }
 }

@@ -859,3 +859,39 @@ fn streaming_keeps_the_message_limit_and_fails_fast_on_invalid_utf8() {
     let events = drive_streaming(Config::default(), &[&frames[0], &frames[1]]);
     assert_eq!(events, vec![Owned::Error(ProtocolError::InvalidUtf8)]);
 }
+
+/// Feeds `input` split at `at`, and returns the frames `handle_read` reported in all.
+fn frames_counted(input: &[u8], at: usize) -> u32 {
+    let mut conn = Connection::new(Config::default(), None);
+    let mut out = Vec::new();
+    let mut frames = 0;
+    for chunk in [&input[..at], &input[at..]] {
+        let mut read = chunk.to_vec();
+        let mut pos = 0;
+        loop {
+            let progress = conn.handle_read(&mut read[pos..], &mut out);
+            pos += progress.consumed;
+            frames += progress.frames;
+            if progress.event.is_none() {
+                break;
+            }
+        }
+    }
+    frames
+}
+
+#[test]
+fn counts_every_frame_read_whatever_the_split() {
+    // Whole frames (the fast path), continuations that produce no event of their own, a
+    // control frame between them, an empty continuation and a 16-bit length: seven frames.
+    let mut input = text("whole");
+    input.extend(client_frame(0x02, b"first", MASK));
+    input.extend(client_frame(0x00, b"", MASK));
+    input.extend(client_frame(0x89, b"ping", MASK));
+    input.extend(client_frame(0x00, &[7; 300], MASK));
+    input.extend(client_frame(0x80, b"last", MASK));
+    input.extend(client_frame(0x82, &[9; 200], MASK));
+    for at in 0..=input.len() {
+        assert_eq!(frames_counted(&input, at), 7, "split at {at}");
+    }
+}
