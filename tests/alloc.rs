@@ -143,9 +143,9 @@ fn fallback_paths_do_not_allocate_per_message_either() {
 
 #[test]
 fn messages_sent_on_without_a_copy_do_not_allocate_per_message() {
-    // 16 KiB and its header span two 16 KiB receive buffers: each one is reassembled, and
+    // 40 KiB spans two 32 KiB receive buffers (the default): each one is reassembled, and
     // the echo sends the reassembly buffer itself, which comes back once written.
-    let (per_message, lent) = per_message_allocations(16 * 1024, |_| {});
+    let (per_message, lent) = per_message_allocations(40 * 1024, |_| {});
     assert!(
         lent >= 6000,
         "{lent} of 6,000 messages sent on without a copy"
