@@ -136,7 +136,8 @@ pub(crate) struct Conn<S> {
     /// The completion loop's round (its low 16 bits) in which `recv_kib` was counted.
     pub recv_round: u16,
     /// KiB received in that round plus a charge per frame parsed, against the per-round
-    /// budget (see `Shard::over_budget`).
+    /// budget (see `Shard::over_budget`). Input fed from the stash (in `settle`) is charged
+    /// too, to whatever round was counted last; the next receive of a later round resets it.
     pub recv_kib: u16,
     /// What sessions touch: output, open flag, topics.
     pub link: Link,

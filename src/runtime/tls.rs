@@ -88,7 +88,8 @@ impl TlsConn {
             }
             // Complete the record held back with just as much of `data` as it lacks; the
             // rest is processed where it arrived. (A receive ends inside a record whenever a
-            // peer writes full 16 KiB records: they are larger than a receive buffer.)
+            // peer writes full 16 KiB records: a receive buffer is not a multiple of a
+            // record's size on the wire.)
             loop {
                 let missing = record_missing(&self.incoming);
                 if missing == 0 || data.is_empty() {
