@@ -143,9 +143,10 @@ fn fallback_paths_do_not_allocate_per_message_either() {
 
 #[test]
 fn messages_sent_on_without_a_copy_do_not_allocate_per_message() {
-    // 40 KiB spans two 32 KiB receive buffers (the default): each one is reassembled, and
-    // the echo sends the reassembly buffer itself, which comes back once written.
-    let (per_message, lent) = per_message_allocations(40 * 1024, |_| {});
+    // A message longer than a receive buffer spans two: each one is reassembled, and the
+    // echo sends the reassembly buffer itself, which comes back once written.
+    let len = ringsock::server::Config::default().buffers.recv_buffer_size + 8 * 1024;
+    let (per_message, lent) = per_message_allocations(len, |_| {});
     assert!(
         lent >= 6000,
         "{lent} of 6,000 messages sent on without a copy"

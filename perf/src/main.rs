@@ -17,6 +17,7 @@ mod fanreport;
 mod fanwire;
 mod generator;
 mod report;
+mod sendzc;
 mod servers;
 mod sys;
 mod tls;
@@ -41,6 +42,7 @@ usage:
   ringsock-perf compare [options]   start ringsock and the peers, run each in turn, compare
   ringsock-perf bench --addr HOST:PORT [--pid PID] [options]   run against a running server
   ringsock-perf instr [--messages N] [options]   instructions per message under valgrind
+  ringsock-perf sendzc send|zc [MESSAGES]   io_uring SEND against SEND_ZC on loopback, 16 MiB
 
 options:
   --scenario rtt|throughput|big|chop|connections|broadcast|crossnode   (default throughput)
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
             None => bench_cmd(&a),
         }),
         Some("instr") => Args::parse(&argv[1..]).and_then(|a| instr_cmd(&a)),
+        Some("sendzc") => sendzc::run(&argv[1..]),
         _ => Err(USAGE.to_string()),
     };
     match result {

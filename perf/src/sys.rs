@@ -122,6 +122,14 @@ pub fn ksoftirqd_pid(core: usize) -> Option<u32> {
     })
 }
 
+/// The calling thread's own on-CPU time in ns, from its schedstat (0 if unreadable).
+pub fn thread_cpu_ns() -> u64 {
+    fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Pins the calling thread (or, called in a child before exec, the new process) to `core`.
 pub fn pin_to_core(core: usize) -> io::Result<()> {
     check_core(core)?;
@@ -194,12 +202,6 @@ pub fn cpu_model() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// This thread's own on-CPU time, from its schedstat.
-    fn thread_cpu_ns() -> u64 {
-        let text = fs::read_to_string("/proc/thread-self/schedstat").unwrap();
-        text.split_whitespace().next().unwrap().parse().unwrap()
-    }
 
     #[test]
     fn process_cpu_time_covers_a_busy_thread_and_memory_is_readable() {

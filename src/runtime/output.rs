@@ -10,10 +10,6 @@ use super::shard::Shard;
 use super::sys;
 use super::token::{Op, Token};
 
-/// The largest receive buffer a connection gets of its own when receives are single-shot
-/// (no provided-buffer ring: kernels before 5.19, or a ring that could not be registered).
-const SINGLE_SHOT_MAX: usize = 16 * 1024;
-
 impl<A: App> Shard<A> {
     /// Settles every touched connection (see the module docs).
     pub(super) fn settle(&mut self) {
@@ -159,9 +155,7 @@ impl<A: App> Shard<A> {
                 let armed = if core.multishot_recv {
                     ring.recv_multi(c.fd(), token)
                 } else {
-                    // A buffer of its own per armed connection: at most 16 KiB, so the 32 KiB
-                    // default of the shared ring does not double what idle connections hold.
-                    let size = core.config.buffers.recv_buffer_size.min(SINGLE_SHOT_MAX);
+                    let size = core.config.buffers.recv_buffer_size;
                     let fd = c.fd();
                     let buf = c
                         .extra()
