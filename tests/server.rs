@@ -458,6 +458,123 @@ fn publish_reaches_subscribers_on_every_shard() {
     handle.shutdown().expect("clean shutdown");
 }
 
+/// A subscriber to `topic` on a fresh connection.
+fn subscriber(handle: &ServerHandle, topic: &str) -> RawClient {
+    let mut c = RawClient::connect(handle.local_addr());
+    c.send_frame(true, 1, format!("cmd:sub:{topic}").as_bytes());
+    assert_eq!(c.read_frame().payload, b"subscribed");
+    c
+}
+
+/// Waits until the server has queued `n` publications for subscribers in all.
+fn wait_deliveries(handle: &ServerHandle, n: u64) {
+    wait_for(5, "publications queued", || {
+        handle.metrics().fanout_deliveries >= n
+    });
+}
+
+#[test]
+fn publications_within_the_linger_go_out_in_one_send() {
+    let linger = Duration::from_millis(300);
+    let (handle, _probe) = start(builder().publish_linger(linger));
+    let mut c = subscriber(&handle, "room");
+    let before = handle.metrics().socket_sends;
+    let published = std::time::Instant::now();
+    for i in 0..3 {
+        handle.publish("room", Message::Text(&format!("p{i}")));
+        std::thread::sleep(Duration::from_millis(40));
+        // Input that gets no reply has the connection settled meanwhile: the publications
+        // stay held all the same.
+        c.send_frame(true, 1, b"cmd:pub:elsewhere:x");
+    }
+    for i in 0..3 {
+        assert_eq!(c.read_frame().payload, format!("p{i}").as_bytes());
+    }
+    // The linger starts after the first publication was queued, so nothing can arrive
+    // before it has passed.
+    assert!(
+        published.elapsed() >= linger,
+        "held for the linger: {:?}",
+        published.elapsed()
+    );
+    assert_eq!(
+        handle.metrics().socket_sends - before,
+        1,
+        "the three publications went out in one send"
+    );
+    // Without a linger each goes out on its own.
+    let (plain, _probe) = start(builder());
+    let mut c2 = subscriber(&plain, "room");
+    let before = plain.metrics().socket_sends;
+    for i in 0..3 {
+        plain.publish("room", Message::Text(&format!("q{i}")));
+        assert_eq!(c2.read_frame().payload, format!("q{i}").as_bytes());
+    }
+    assert_eq!(plain.metrics().socket_sends - before, 3);
+    drop((c, c2));
+    handle.shutdown().expect("clean shutdown");
+    plain.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_direct_message_takes_lingering_publications_along() {
+    // A linger far longer than the test: only the reply can release the publications.
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let mut c = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("p0"));
+    handle.publish("room", Message::Text("p1"));
+    wait_deliveries(&handle, 2);
+    c.send_frame(true, 1, b"echo me");
+    for expected in [&b"p0"[..], b"p1", b"echo me"] {
+        assert_eq!(c.read_frame().payload, expected);
+    }
+    // A publication after the reply lingers again, until the connection closes: its close
+    // frame, too, takes the publication along.
+    handle.publish("room", Message::Text("p2"));
+    wait_deliveries(&handle, 3);
+    c.send_frame(true, 1, b"cmd:close");
+    assert_eq!(c.read_frame().payload, b"p2");
+    assert_eq!(c.read_close(), Some(4000));
+    c.send_frame(true, 8, &4000u16.to_be_bytes());
+    assert!(c.sees_eof());
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn shutdown_sends_lingering_publications_before_1001() {
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let mut c = subscriber(&handle, "room");
+    for i in 0..3 {
+        handle.publish("room", Message::Text(&format!("p{i}")));
+    }
+    wait_deliveries(&handle, 3);
+    handle.request_shutdown();
+    for i in 0..3 {
+        assert_eq!(c.read_frame().payload, format!("p{i}").as_bytes());
+    }
+    assert_eq!(c.read_close(), Some(1001));
+    c.send_frame(true, 8, &1001u16.to_be_bytes());
+    handle.wait().expect("clean exit");
+}
+
+#[test]
+fn a_subscriber_gone_while_publications_linger_leaves_the_next_one_alone() {
+    let linger = Duration::from_millis(200);
+    let (handle, _probe) = start(builder().publish_linger(linger));
+    let gone = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("for the one gone"));
+    wait_deliveries(&handle, 1);
+    drop(gone);
+    wait_idle(&handle);
+    // Likely in the freed slot, under a new generation.
+    let mut c = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("for the next one"));
+    assert_eq!(c.read_frame().payload, b"for the next one");
+    drop(c);
+    wait_idle(&handle);
+    handle.shutdown().expect("clean shutdown");
+}
+
 #[test]
 fn graceful_shutdown_delivers_queued_messages_then_1001() {
     let (handle, probe) = start(builder().shards(2));

@@ -37,6 +37,16 @@ pub struct ServerArgs {
     #[arg(long)]
     pub no_buffer_ring: bool,
 
+    /// Let publications wait up to this many microseconds in subscribers' outputs, so that
+    /// those published meanwhile go out in one send (0: each at the end of its round)
+    #[arg(
+        long,
+        env = "RINGSOCK_PUBLISH_LINGER_US",
+        value_name = "MICROS",
+        default_value_t = 0
+    )]
+    pub publish_linger_us: u64,
+
     /// Serve the listening socket systemd passes (socket activation) instead of binding --addr
     #[arg(long)]
     pub systemd_socket: bool,
@@ -68,6 +78,7 @@ impl ServerArgs {
         let builder = Builder::new()
             .shards(self.shards)
             .share_address(self.share_address)
+            .publish_linger(std::time::Duration::from_micros(self.publish_linger_us))
             .configure(|c| c.buffers.use_buffer_ring = use_buffer_ring);
         let builder = if self.systemd_socket {
             builder.systemd_socket()

@@ -23,13 +23,17 @@ enum Target {
     Server(Kind),
     /// Two ringsock nodes (`examples/fanout` at this path) on a broker.
     Nodes(Engine, PathBuf),
+    /// ringsock (`examples/fanout` at this path) with a publish linger of this many
+    /// microseconds (`--linger`).
+    Lingering(PathBuf, u64),
 }
 
 impl Target {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> String {
         match self {
-            Target::Server(kind) => kind.name(),
-            Target::Nodes(engine, _) => engine.name(),
+            Target::Server(kind) => kind.name().into(),
+            Target::Nodes(engine, _) => engine.name().into(),
+            Target::Lingering(_, us) => format!("ringsock-linger-{us}us"),
         }
     }
 }
@@ -125,6 +129,20 @@ fn fanout_bin(args: &Args) -> PathBuf {
         })
 }
 
+/// The publish lingers ringsock runs with (`--linger`, microseconds; 0, the default, is
+/// ringsock as it ships), one row each.
+fn lingers(args: &Args) -> Result<Vec<u64>, String> {
+    args.get("linger")
+        .unwrap_or("0")
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| format!("--linger: not microseconds: {v:?}"))
+        })
+        .collect()
+}
+
 /// The targets of the comparison, from `--servers` (broadcast) or `--brokers` (crossnode).
 fn targets(args: &Args, scenario: Scenario) -> Result<Vec<Target>, String> {
     let bin = fanout_bin(args);
@@ -148,7 +166,12 @@ fn targets(args: &Args, scenario: Scenario) -> Result<Vec<Target>, String> {
     for name in names.split(',') {
         if name == "ringsock" {
             if bin.exists() {
-                out.push(Target::Server(Kind::Ringsock(bin.clone())));
+                for us in lingers(args)? {
+                    out.push(match us {
+                        0 => Target::Server(Kind::Ringsock(bin.clone())),
+                        us => Target::Lingering(bin.clone(), us),
+                    });
+                }
             } else {
                 eprintln!(
                     "note: {} missing (cargo build --release --example fanout); ringsock \
@@ -186,7 +209,7 @@ pub fn compare(args: &Args, scenario: Scenario) -> Result<(), String> {
         let mut results: Vec<FanResult> = targets
             .iter()
             .map(|t| FanResult {
-                name: t.name().into(),
+                name: t.name(),
                 samples: Vec::new(),
                 merged: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("static bounds"),
                 failure: None,
@@ -257,6 +280,26 @@ fn run_one(
         Target::Server(kind) => {
             let addr = servers::free_addr()?;
             let server = ServerProc::start(kind, addr, Some(cores.server), &[], secs(10))?;
+            p.sub_addr = addr;
+            p.pub_addr = addr;
+            p.watch = vec![("server".into(), server.pid())];
+            let outcome = fanout::run(p);
+            drop(server);
+            outcome
+        }
+        Target::Lingering(bin, us) => {
+            let addr = servers::free_addr()?;
+            let kind = Kind::Ringsock(bin.clone());
+            let extra = ["--publish-linger-us".to_owned(), us.to_string()];
+            let server = ServerProc::start_with(
+                &kind,
+                addr,
+                Some(cores.server),
+                &[],
+                &extra,
+                None,
+                secs(10),
+            )?;
             p.sub_addr = addr;
             p.pub_addr = addr;
             p.watch = vec![("server".into(), server.pid())];

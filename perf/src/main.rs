@@ -50,6 +50,8 @@ options:
                      broadcast/crossnode: subscribers, a list (1000 / 100)
   --inflight N       messages in flight per connection (throughput 16, else 1); broadcast and
                      crossnode closed loop: publications in flight (8)
+  --linger LIST      broadcast: ringsock's publish linger in microseconds, one ringsock row
+                     per value, e.g. 0,5000 (default 0: ringsock as it ships)
   --rate R           broadcast/crossnode: publications per second, 0 = closed loop
                      (broadcast 0, crossnode 10000)
   --threads N        generator threads, connections split over them (default 1)

@@ -158,6 +158,11 @@ pub(crate) struct Link {
     pub notified: bool,
     /// The connection is on the shard's list to settle after this batch.
     pub touched: bool,
+    /// Publications linger in the output ([`Buffers::publish_linger`](super::Buffers::publish_linger)):
+    /// nothing new is sent until the linger ends (the connection is on the shard's list to
+    /// settle then), a message sent to the connection directly or its closing comes first,
+    /// taking them along.
+    pub lingering: bool,
     /// Output may include pieces sent from where they are (not on TLS, which encrypts its
     /// own stream).
     pub shares: bool,
@@ -272,6 +277,7 @@ impl Link {
             open: false,
             notified: false,
             touched: false,
+            lingering: false,
             shares: true,
             extra: None,
         }
@@ -432,6 +438,9 @@ pub(crate) struct Ctx {
     pub publishes: Vec<(Arc<str>, Bytes)>,
     /// Connections to settle after this batch.
     pub touched: Vec<u32>,
+    /// Subscribers with publications lingering, to settle when the linger ends; empty
+    /// without a linger.
+    pub lingering: Vec<ConnId>,
     /// The shard's counters.
     pub metrics: Metrics,
     /// The message being delivered, if it may be sent on without a copy.
@@ -674,6 +683,9 @@ pub(crate) fn send_counted(
     let (metrics, len) = (&mut ctx.metrics, payload.len());
     match status {
         SendStatus::Queued | SendStatus::Backpressure => {
+            // A message of its own is not held back with lingering publications: they go
+            // with it.
+            link.lingering = false;
             let compressed = allow_compress && len >= link.min_compress;
             metrics.sent.count(len, compressed);
         }

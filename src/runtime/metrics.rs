@@ -234,6 +234,10 @@ pub struct Metrics {
     pub sent_lent: u64,
     /// Publications and broadcasts skipped for a subscriber over the hard cap.
     pub fanout_skipped: u64,
+    /// Sends submitted to the kernel: at most one per connection per round, carrying
+    /// everything corked for it (so sent messages per send shows how much was batched; with
+    /// a publish linger, how many publications went out together).
+    pub socket_sends: u64,
     /// Requests from other threads refused because a shard's queue was full.
     pub commands_refused: u64,
     /// TLS connections ended by a TLS failure (a failed handshake, a bad record, an alert, a
@@ -280,6 +284,7 @@ impl Metrics {
         self.fanout_shared += o.fanout_shared;
         self.sent_lent += o.sent_lent;
         self.fanout_skipped += o.fanout_skipped;
+        self.socket_sends += o.socket_sends;
         self.commands_refused += o.commands_refused;
         self.tls_failures += o.tls_failures;
     }

@@ -58,8 +58,11 @@ impl<A: App> Shard<A> {
             Some(_) => Some(c.link.output.get_or_insert_with(Box::default)),
             None => c.link.output.as_mut(),
         };
+        // Publications lingering: nothing new goes out until the linger ends (or the
+        // connection closes).
+        let held = c.link.lingering && c.link.open;
         if let Some(output) = output.filter(|o| !o.send.in_flight()) {
-            if output.send.remaining() == 0 {
+            if output.send.remaining() == 0 && !held {
                 match c.tls.as_mut() {
                     None if output.has_queued() => output.load(),
                     None => {}
@@ -88,6 +91,7 @@ impl<A: App> Shard<A> {
                     core.ctx.touch(&mut c.link);
                     return;
                 }
+                core.ctx.metrics.socket_sends += 1;
             }
         }
         if matches!(c.phase, Phase::Flushing) && c.is_flushed() {

@@ -133,6 +133,11 @@ pub(crate) const SHARE_FROM: usize = 512;
 /// whose output is over the hard cap `max_buffered` is skipped (it has not been reading for
 /// a while) and counted; one that is merely behind, between the high-water mark and the cap,
 /// still gets everything in order.
+///
+/// With `lingering` (a publish linger is set), a subscriber goes on that list instead, once,
+/// and its output is held (see [`Link::lingering`]) so that what is published until the
+/// linger ends goes out in one send.
+#[allow(clippy::too_many_arguments)] // the shard's parts, borrowed apart
 pub(crate) fn fan_out<S>(
     conns: &mut Slab<Conn<S>>,
     topics: &Topics,
@@ -140,6 +145,7 @@ pub(crate) fn fan_out<S>(
     frame: &Bytes,
     max_buffered: usize,
     touched: &mut Vec<u32>,
+    mut lingering: Option<&mut Vec<ConnId>>,
     metrics: &mut Metrics,
 ) {
     let (mut skipped, mut delivered, mut shared) = (0, 0, 0);
@@ -163,9 +169,17 @@ pub(crate) fn fan_out<S>(
             output.corked.extend_from_slice(frame);
         }
         delivered += 1;
-        if !link.touched {
-            link.touched = true;
-            touched.push(link.id.slot);
+        match lingering.as_deref_mut() {
+            Some(lingering) if !link.lingering => {
+                link.lingering = true;
+                lingering.push(link.id);
+            }
+            Some(_) => {}
+            None if !link.touched => {
+                link.touched = true;
+                touched.push(link.id.slot);
+            }
+            None => {}
         }
     };
     match topic {

@@ -159,6 +159,10 @@ pub(crate) struct Shard<A: App> {
     carried: Vec<Cqe>,
     /// Rounds of the completion loop so far (wrapping).
     round: u16,
+    /// When the publications lingering in subscribers' outputs go out
+    /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)); `None` while none
+    /// linger.
+    linger_until: Option<Instant>,
 }
 
 impl<A: App> Shard<A> {
@@ -209,6 +213,7 @@ impl<A: App> Shard<A> {
                 topics: Topics::new(index, uplink),
                 publishes: Vec::new(),
                 touched: Vec::new(),
+                lingering: Vec::new(),
                 metrics: Metrics {
                     buffer_ring_fallbacks: u64::from(!ready.ring.has_buf_ring()),
                     ..Metrics::default()
@@ -245,6 +250,7 @@ impl<A: App> Shard<A> {
             fail_rearms: config.hooks.fail_rearms,
             carried: Vec::new(),
             round: 0,
+            linger_until: None,
         })
     }
 
@@ -274,12 +280,16 @@ impl<A: App> Shard<A> {
     fn serve(&mut self) -> io::Result<()> {
         self.arm_all()?;
         loop {
-            if self.carried.is_empty() {
-                self.ring.submit_and_wait(1)?;
-            } else {
-                // Receives held back from the last round are waiting: take what else is
-                // ready, without sleeping.
-                self.ring.submit_and_poll()?;
+            let linger_left = self
+                .linger_until
+                .map(|until| until.saturating_duration_since(Instant::now()));
+            match linger_left {
+                // Receives held back from the last round are waiting, or the linger is
+                // over: take what else is ready, without sleeping.
+                _ if !self.carried.is_empty() => self.ring.submit_and_poll()?,
+                Some(Duration::ZERO) => self.ring.submit_and_poll()?,
+                Some(left) => self.ring.submit_and_wait_for(left)?,
+                None => self.ring.submit_and_wait(1)?,
             }
             self.core.now = millis(self.start.elapsed());
             let mut cqes = self.ring.reap();
@@ -306,7 +316,11 @@ impl<A: App> Shard<A> {
             self.ring.recycle_cqes(cqes);
             result?;
             self.rearm_starved();
+            self.end_linger();
             self.settle();
+            if self.linger_until.is_none() && !self.core.ctx.lingering.is_empty() {
+                self.linger_until = Some(Instant::now() + self.core.config.buffers.publish_linger);
+            }
             if self.core.shutting_down {
                 if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
                     return Ok(());
@@ -318,6 +332,27 @@ impl<A: App> Shard<A> {
                         "forced exit after the shutdown timeout"
                     );
                     return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Once the publish linger is over, every subscriber with publications lingering is
+    /// settled with this round's connections.
+    fn end_linger(&mut self) {
+        match self.linger_until {
+            Some(until) if Instant::now() >= until => {}
+            _ => return,
+        }
+        self.linger_until = None;
+        let Core { conns, ctx, .. } = &mut self.core;
+        for id in ctx.lingering.drain(..) {
+            // A connection freed meanwhile is gone (its slot's generation moved on).
+            if let Some(c) = conns.get(id) {
+                c.link.lingering = false;
+                if !c.link.touched {
+                    c.link.touched = true;
+                    ctx.touched.push(id.slot);
                 }
             }
         }
@@ -906,6 +941,7 @@ impl<A: App> Core<A> {
     /// Copies a shared frame into every open subscriber's output (all open connections for
     /// `None`).
     pub(super) fn fan_out(&mut self, topic: Option<&str>, frame: &Bytes) {
+        let lingers = !self.config.buffers.publish_linger.is_zero();
         pubsub::fan_out(
             &mut self.conns,
             &self.ctx.topics,
@@ -913,6 +949,7 @@ impl<A: App> Core<A> {
             frame,
             self.ctx.limits.max_buffered,
             &mut self.ctx.touched,
+            lingers.then_some(&mut self.ctx.lingering),
             &mut self.ctx.metrics,
         );
     }

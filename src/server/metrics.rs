@@ -222,6 +222,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "socket_sends",
+            "Sends submitted to the kernel, each carrying all that was queued for a connection.",
+            m.socket_sends,
+        )?;
+        counter(
+            e,
             "tls_failures",
             "TLS connections ended by a TLS failure.",
             m.tls_failures,

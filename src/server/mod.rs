@@ -178,6 +178,13 @@ impl Builder {
         self
     }
 
+    /// How long publications may wait in subscribers' outputs for more to join them
+    /// ([`Buffers::publish_linger`]). Default zero: each goes out at the end of its round.
+    pub fn publish_linger(mut self, linger: Duration) -> Builder {
+        self.config.buffers.publish_linger = linger;
+        self
+    }
+
     /// Join another process's listeners on the same address instead of failing with
     /// `AddrInUse` (see [`Config::share_address`]): the new process of a restart that
     /// loses nothing.

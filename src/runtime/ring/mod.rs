@@ -247,6 +247,29 @@ impl Ring {
         self.submit(want)
     }
 
+    /// Submits everything queued and waits for one completion or until `timeout` has passed,
+    /// whichever is first (one enter with `IORING_ENTER_EXT_ARG`, 5.11+; no timeout entry on
+    /// the ring). Returns at once if the backlog already holds completions.
+    ///
+    /// # Errors
+    /// Ring failures other than EINTR/EAGAIN/EBUSY.
+    pub fn submit_and_wait_for(&mut self, timeout: std::time::Duration) -> io::Result<()> {
+        if !self.backlog.is_empty() {
+            return self.submit(0);
+        }
+        let ts = Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.uring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                // ETIME: the time passed with nothing completed.
+                Some(libc::ETIME | libc::EINTR) => Ok(()),
+                Some(libc::EAGAIN | libc::EBUSY) => self.submit(0),
+                _ => Err(e),
+            },
+        }
+    }
+
     /// Submits everything queued and lets the kernel post what is ready (with
     /// `DEFER_TASKRUN`, completions of data that arrived meanwhile are only posted by an
     /// enter that asks for events), without waiting for any.
