@@ -541,6 +541,76 @@ fn a_direct_message_takes_lingering_publications_along() {
 }
 
 #[test]
+fn a_reply_is_not_held_by_a_publication_made_in_the_same_round() {
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let mut c = subscriber(&handle, "room");
+    // One write: the publication (fanned out after the callbacks) and the echo share a round.
+    let mut both = masked_frame(true, 1, b"cmd:pub:room:x");
+    both.extend_from_slice(&masked_frame(true, 1, b"echo me"));
+    c.send(&both);
+    let mut got = vec![c.read_frame().payload, c.read_frame().payload];
+    got.sort();
+    assert_eq!(got, vec![b"echo me".to_vec(), b"x".to_vec()]);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn publications_made_in_callbacks_do_not_hold_a_subscriber_past_the_linger() {
+    // A publisher that never pauses: every round has publications in it, including the one
+    // in which the linger ends. Each linger must still end with a send.
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_millis(100)));
+    let mut sub = subscriber(&handle, "room");
+    let got_one = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let got_one = std::sync::Arc::clone(&got_one);
+        std::thread::spawn(move || {
+            let first = sub.read_frame();
+            got_one.store(true, Ordering::SeqCst);
+            (first, sub)
+        })
+    };
+    let mut publisher = RawClient::connect(handle.local_addr());
+    let burst: Vec<u8> = (0..50)
+        .flat_map(|_| masked_frame(true, 1, b"cmd:pub:room:p"))
+        .collect();
+    let started = std::time::Instant::now();
+    while !got_one.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nothing sent to the subscriber while publishing went on"
+        );
+        publisher.send(&burst);
+    }
+    // Held past its linger, the subscriber's output would grow to the hard cap (2 MiB)
+    // before going out, and publications past it would be skipped: lost.
+    let skipped = handle.metrics().fanout_skipped;
+    let (first, sub) = reader.join().unwrap();
+    assert_eq!(first.payload, b"p");
+    assert_eq!(
+        skipped, 0,
+        "publications skipped: the subscriber was held to the cap"
+    );
+    drop((sub, publisher));
+    wait_idle(&handle);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_peer_that_finished_sending_gets_its_lingering_publications_at_once() {
+    // The linger outlasts the close timeout (2 s): holding the output after the peer's FIN
+    // would lose it to the timeout.
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let mut c = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("before the end"));
+    wait_deliveries(&handle, 1);
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(c.read_frame().payload, b"before the end");
+    assert!(c.sees_eof());
+    wait_idle(&handle);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn shutdown_sends_lingering_publications_before_1001() {
     let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
     let mut c = subscriber(&handle, "room");
@@ -559,12 +629,16 @@ fn shutdown_sends_lingering_publications_before_1001() {
 
 #[test]
 fn a_subscriber_gone_while_publications_linger_leaves_the_next_one_alone() {
-    let linger = Duration::from_millis(200);
-    let (handle, _probe) = start(builder().publish_linger(linger));
-    let gone = subscriber(&handle, "room");
+    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(1)));
+    let mut gone = subscriber(&handle, "room");
     handle.publish("room", Message::Text("for the one gone"));
     wait_deliveries(&handle, 1);
-    drop(gone);
+    // Closed at once (a close handshake is not held), with its entry still on the list.
+    gone.send_frame(true, 1, b"cmd:close");
+    assert_eq!(gone.read_frame().payload, b"for the one gone");
+    assert_eq!(gone.read_close(), Some(4000));
+    gone.send_frame(true, 8, &4000u16.to_be_bytes());
+    assert!(gone.sees_eof());
     wait_idle(&handle);
     // Likely in the freed slot, under a new generation.
     let mut c = subscriber(&handle, "room");

@@ -158,11 +158,16 @@ pub(crate) struct Link {
     pub notified: bool,
     /// The connection is on the shard's list to settle after this batch.
     pub touched: bool,
-    /// Publications linger in the output ([`Buffers::publish_linger`](super::Buffers::publish_linger)):
-    /// nothing new is sent until the linger ends (the connection is on the shard's list to
-    /// settle then), a message sent to the connection directly or its closing comes first,
-    /// taking them along.
+    /// The connection is on the shard's list of subscribers with publications lingering
+    /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)), settled when the
+    /// linger ends. Until then nothing new is sent (automatic pongs and pings wait too),
+    /// unless [`Link::send_now`] is set, the connection is closing, or the peer has finished
+    /// sending.
     pub lingering: bool,
+    /// Send what is queued at the next settling even if publications linger: a message was
+    /// sent to the connection directly (the publications go along with it), or the linger
+    /// ended. Cleared when the output is next loaded.
+    pub send_now: bool,
     /// Output may include pieces sent from where they are (not on TLS, which encrypts its
     /// own stream).
     pub shares: bool,
@@ -278,6 +283,7 @@ impl Link {
             notified: false,
             touched: false,
             lingering: false,
+            send_now: false,
             shares: true,
             extra: None,
         }
@@ -685,7 +691,7 @@ pub(crate) fn send_counted(
         SendStatus::Queued | SendStatus::Backpressure => {
             // A message of its own is not held back with lingering publications: they go
             // with it.
-            link.lingering = false;
+            link.send_now = true;
             let compressed = allow_compress && len >= link.min_compress;
             metrics.sent.count(len, compressed);
         }

@@ -234,9 +234,10 @@ pub struct Metrics {
     pub sent_lent: u64,
     /// Publications and broadcasts skipped for a subscriber over the hard cap.
     pub fanout_skipped: u64,
-    /// Sends submitted to the kernel: at most one per connection per round, carrying
-    /// everything corked for it (so sent messages per send shows how much was batched; with
-    /// a publish linger, how many publications went out together).
+    /// Sends submitted to the kernel: at most one per connection per round, with what was
+    /// queued for it (the rest of a partial send, or of more pieces than one send takes, is
+    /// another), so sent messages per send shows how much was batched; with a publish
+    /// linger, how many publications went out together.
     pub socket_sends: u64,
     /// Requests from other threads refused because a shard's queue was full.
     pub commands_refused: u64,

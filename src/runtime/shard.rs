@@ -62,6 +62,9 @@ const RECV_BUDGET_KIB: u16 = 256;
 /// ~4.9 µs per 16 KiB one, so a message costs what ~1.3 KiB of payload does).
 pub(super) const FRAME_COST_KIB: u32 = 1;
 
+/// The longest publish linger: longer ones are cut to it (so a deadline never overflows).
+pub(super) const MAX_LINGER: Duration = Duration::from_secs(3600);
+
 /// Every connection's state and the shard-wide state callbacks reach: everything but the
 /// ring, so the two can be borrowed apart.
 pub(crate) struct Core<A: App> {
@@ -163,6 +166,8 @@ pub(crate) struct Shard<A: App> {
     /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)); `None` while none
     /// linger.
     linger_until: Option<Instant>,
+    /// The publish linger, at most [`MAX_LINGER`].
+    linger: Duration,
 }
 
 impl<A: App> Shard<A> {
@@ -251,6 +256,7 @@ impl<A: App> Shard<A> {
             carried: Vec::new(),
             round: 0,
             linger_until: None,
+            linger: config.buffers.publish_linger.min(MAX_LINGER),
         })
     }
 
@@ -319,7 +325,7 @@ impl<A: App> Shard<A> {
             self.end_linger();
             self.settle();
             if self.linger_until.is_none() && !self.core.ctx.lingering.is_empty() {
-                self.linger_until = Some(Instant::now() + self.core.config.buffers.publish_linger);
+                self.linger_until = Some(Instant::now() + self.linger);
             }
             if self.core.shutting_down {
                 if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
@@ -350,6 +356,8 @@ impl<A: App> Shard<A> {
             // A connection freed meanwhile is gone (its slot's generation moved on).
             if let Some(c) = conns.get(id) {
                 c.link.lingering = false;
+                // Sent in this round even if publications made in it linger again.
+                c.link.send_now = true;
                 if !c.link.touched {
                     c.link.touched = true;
                     ctx.touched.push(id.slot);

@@ -223,7 +223,7 @@ impl Collector for Snapshot {
         counter(
             e,
             "socket_sends",
-            "Sends submitted to the kernel, each carrying all that was queued for a connection.",
+            "Sends submitted to the kernel (at most one per connection per round).",
             m.socket_sends,
         )?;
         counter(
