@@ -473,25 +473,28 @@ fn wait_deliveries(handle: &ServerHandle, n: u64) {
     });
 }
 
+/// The longest publish linger ringsock takes: 30 s, past every read timeout of these tests.
+const LONG_LINGER: Duration = Duration::from_secs(30);
+
 #[test]
 fn publications_within_the_linger_go_out_in_one_send() {
-    let linger = Duration::from_millis(300);
+    let linger = Duration::from_secs(1);
     let (handle, _probe) = start(builder().publish_linger(linger));
     let mut c = subscriber(&handle, "room");
     let before = handle.metrics().socket_sends;
     let published = std::time::Instant::now();
     for i in 0..3 {
         handle.publish("room", Message::Text(&format!("p{i}")));
-        std::thread::sleep(Duration::from_millis(40));
-        // Input that gets no reply has the connection settled meanwhile: the publications
-        // stay held all the same.
-        c.send_frame(true, 1, b"cmd:pub:elsewhere:x");
     }
+    wait_deliveries(&handle, 3);
+    // Input that gets no reply has the connection settled meanwhile: the publications
+    // stay held all the same.
+    c.send_frame(true, 1, b"cmd:pub:elsewhere:x");
     for i in 0..3 {
         assert_eq!(c.read_frame().payload, format!("p{i}").as_bytes());
     }
-    // The linger starts after the first publication was queued, so nothing can arrive
-    // before it has passed.
+    // The linger starts when the first publication is held, so nothing can arrive before
+    // it has passed.
     assert!(
         published.elapsed() >= linger,
         "held for the linger: {:?}",
@@ -517,9 +520,9 @@ fn publications_within_the_linger_go_out_in_one_send() {
 }
 
 #[test]
-fn a_direct_message_takes_lingering_publications_along() {
-    // A linger far longer than the test: only the reply can release the publications.
-    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+fn anything_else_for_the_subscriber_takes_lingering_publications_along() {
+    // Only what is sent to the connection can release the publications in time.
+    let (handle, _probe) = start(builder().publish_linger(LONG_LINGER));
     let mut c = subscriber(&handle, "room");
     handle.publish("room", Message::Text("p0"));
     handle.publish("room", Message::Text("p1"));
@@ -528,12 +531,21 @@ fn a_direct_message_takes_lingering_publications_along() {
     for expected in [&b"p0"[..], b"p1", b"echo me"] {
         assert_eq!(c.read_frame().payload, expected);
     }
-    // A publication after the reply lingers again, until the connection closes: its close
-    // frame, too, takes the publication along.
+    // A ping's pong.
     handle.publish("room", Message::Text("p2"));
     wait_deliveries(&handle, 3);
-    c.send_frame(true, 1, b"cmd:close");
+    c.send_frame(true, 9, b"are you there");
     assert_eq!(c.read_frame().payload, b"p2");
+    let pong = c.read_frame();
+    assert_eq!(
+        (pong.opcode, &pong.payload[..]),
+        (10, &b"are you there"[..])
+    );
+    // The connection's closing.
+    handle.publish("room", Message::Text("p3"));
+    wait_deliveries(&handle, 4);
+    c.send_frame(true, 1, b"cmd:close");
+    assert_eq!(c.read_frame().payload, b"p3");
     assert_eq!(c.read_close(), Some(4000));
     c.send_frame(true, 8, &4000u16.to_be_bytes());
     assert!(c.sees_eof());
@@ -541,8 +553,38 @@ fn a_direct_message_takes_lingering_publications_along() {
 }
 
 #[test]
+fn the_idle_ping_is_not_held_by_lingering_publications() {
+    // Idle timeout 2 s: the ping goes at 1 s and the connection is closed at 2 s unless
+    // something arrives. Held for the linger, the ping could not be answered in time.
+    let (handle, _probe) = start(
+        builder()
+            .idle_timeout(Some(Duration::from_secs(2)), true)
+            .publish_linger(LONG_LINGER),
+    );
+    let mut c = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("p0"));
+    wait_deliveries(&handle, 1);
+    assert_eq!(c.read_frame().payload, b"p0");
+    let ping = c.read_frame();
+    assert_eq!(ping.opcode, 9, "the idle ping");
+    c.send_frame(true, 10, &ping.payload);
+    std::thread::sleep(Duration::from_millis(1500));
+    c.send_frame(true, 1, b"still here");
+    loop {
+        let frame = c.read_frame();
+        assert_ne!(frame.opcode, 8, "closed as idle");
+        if frame.opcode != 9 {
+            // (Later idle pings may come first.)
+            assert_eq!(frame.payload, b"still here");
+            break;
+        }
+    }
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
 fn a_reply_is_not_held_by_a_publication_made_in_the_same_round() {
-    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let (handle, _probe) = start(builder().publish_linger(LONG_LINGER));
     let mut c = subscriber(&handle, "room");
     // One write: the publication (fanned out after the callbacks) and the echo share a round.
     let mut both = masked_frame(true, 1, b"cmd:pub:room:x");
@@ -555,64 +597,86 @@ fn a_reply_is_not_held_by_a_publication_made_in_the_same_round() {
 }
 
 #[test]
-fn publications_made_in_callbacks_do_not_hold_a_subscriber_past_the_linger() {
-    // A publisher that never pauses: every round has publications in it, including the one
-    // in which the linger ends. Each linger must still end with a send.
-    let (handle, _probe) = start(builder().publish_linger(Duration::from_millis(100)));
-    let mut sub = subscriber(&handle, "room");
-    let got_one = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let got_one = std::sync::Arc::clone(&got_one);
-        std::thread::spawn(move || {
-            let first = sub.read_frame();
-            got_one.store(true, Ordering::SeqCst);
-            (first, sub)
-        })
-    };
-    let mut publisher = RawClient::connect(handle.local_addr());
-    let burst: Vec<u8> = (0..50)
-        .flat_map(|_| masked_frame(true, 1, b"cmd:pub:room:p"))
-        .collect();
-    let started = std::time::Instant::now();
-    while !got_one.load(Ordering::SeqCst) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "nothing sent to the subscriber while publishing went on"
-        );
-        publisher.send(&burst);
-    }
-    // Held past its linger, the subscriber's output would grow to the hard cap (2 MiB)
-    // before going out, and publications past it would be skipped: lost.
-    let skipped = handle.metrics().fanout_skipped;
-    let (first, sub) = reader.join().unwrap();
-    assert_eq!(first.payload, b"p");
-    assert_eq!(
-        skipped, 0,
-        "publications skipped: the subscriber was held to the cap"
+fn a_publication_in_the_round_that_ends_the_linger_does_not_hold_the_output_again() {
+    let linger = Duration::from_secs(2);
+    let (handle, _probe) = start(builder().publish_linger(linger));
+    let mut c = subscriber(&handle, "room");
+    let published = std::time::Instant::now();
+    handle.publish("room", Message::Text("p0"));
+    wait_deliveries(&handle, 1);
+    // The handler holds the shard past the linger's end; the publication after it is made
+    // in the same round as the linger ends. p0 must go then, not a whole linger later.
+    let mut both = masked_frame(true, 1, b"cmd:sleep:2300");
+    both.extend_from_slice(&masked_frame(true, 1, b"cmd:pub:room:p1"));
+    c.send(&both);
+    assert_eq!(c.read_frame().payload, b"p0");
+    assert_eq!(c.read_frame().payload, b"p1");
+    let took = published.elapsed();
+    assert!(
+        took < linger * 2,
+        "held again for a second linger: {took:?} (expected about 2.3 s)"
     );
-    drop((sub, publisher));
-    wait_idle(&handle);
     handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
-fn a_peer_that_finished_sending_gets_its_lingering_publications_at_once() {
-    // The linger outlasts the close timeout (2 s): holding the output after the peer's FIN
-    // would lose it to the timeout.
-    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+fn lingering_publications_go_out_once_64_kib_are_queued() {
+    let (handle, _probe) = start(builder().publish_linger(LONG_LINGER));
     let mut c = subscriber(&handle, "room");
-    handle.publish("room", Message::Text("before the end"));
-    wait_deliveries(&handle, 1);
-    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(c.read_frame().payload, b"before the end");
-    assert!(c.sees_eof());
+    let payload = vec![b'x'; 1024];
+    for _ in 0..100 {
+        handle.publish("room", Message::Binary(&payload));
+    }
+    // At least the first 64 KiB arrive long before the linger ends (the read timeout is 10 s).
+    for _ in 0..60 {
+        assert_eq!(c.read_frame().payload.len(), 1024);
+    }
+    handle.shutdown().expect("clean shutdown");
+}
+
+/// Subscribes every connection to `room` as it opens and tells the room.
+struct Joiner;
+
+impl ringsock::Handler for Joiner {
+    type State = ();
+
+    fn on_upgrade(
+        &self,
+        _req: &ringsock::proto::handshake::Request<'_>,
+        _upgrade: &mut ringsock::server::Upgrade<()>,
+    ) -> Decision<()> {
+        Decision::Accept(())
+    }
+
+    fn on_open(&self, ws: &mut ringsock::Ws<'_, ()>) {
+        ws.subscribe("room");
+        ws.publish("room", Message::Text("joined"));
+    }
+
+    fn on_message(&self, _ws: &mut ringsock::Ws<'_, ()>, _msg: Message<'_>) {}
+}
+
+#[test]
+fn the_upgrade_response_is_not_held_by_a_publication_made_in_on_open() {
+    let handle = ringsock::Builder::new()
+        .addr("127.0.0.1:0")
+        .shards(1)
+        .pin_threads(false)
+        .publish_linger(LONG_LINGER)
+        .build(Joiner)
+        .start()
+        .unwrap();
+    // `connect` reads the 101 with a 10 s read timeout.
+    let mut c = RawClient::connect(handle.local_addr());
+    assert_eq!(c.read_frame().payload, b"joined");
+    drop(c);
     wait_idle(&handle);
     handle.shutdown().expect("clean shutdown");
 }
 
 #[test]
 fn shutdown_sends_lingering_publications_before_1001() {
-    let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(60)));
+    let (handle, _probe) = start(builder().publish_linger(LONG_LINGER));
     let mut c = subscriber(&handle, "room");
     for i in 0..3 {
         handle.publish("room", Message::Text(&format!("p{i}")));
@@ -628,12 +692,27 @@ fn shutdown_sends_lingering_publications_before_1001() {
 }
 
 #[test]
-fn a_subscriber_gone_while_publications_linger_leaves_the_next_one_alone() {
+fn a_peer_that_finished_sending_gets_its_lingering_publications_at_once() {
+    // The linger outlasts the close timeout (2 s): holding the output after the peer's FIN
+    // would lose it to the timeout.
+    let (handle, _probe) = start(builder().publish_linger(LONG_LINGER));
+    let mut c = subscriber(&handle, "room");
+    handle.publish("room", Message::Text("before the end"));
+    wait_deliveries(&handle, 1);
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(c.read_frame().payload, b"before the end");
+    assert!(c.sees_eof());
+    wait_idle(&handle);
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_subscriber_freed_while_publications_linger_is_passed_over() {
     let (handle, _probe) = start(builder().publish_linger(Duration::from_secs(1)));
     let mut gone = subscriber(&handle, "room");
     handle.publish("room", Message::Text("for the one gone"));
     wait_deliveries(&handle, 1);
-    // Closed at once (a close handshake is not held), with its entry still on the list.
+    // Closed at once (a close handshake is not held), its entry still on the list.
     gone.send_frame(true, 1, b"cmd:close");
     assert_eq!(gone.read_frame().payload, b"for the one gone");
     assert_eq!(gone.read_close(), Some(4000));

@@ -276,64 +276,58 @@ fn run_one(
     p: &mut FanParams,
 ) -> Result<FanOutcome, String> {
     p.softirq = sys::ksoftirqd_pid(cores.server);
-    match target {
-        Target::Server(kind) => {
-            let addr = servers::free_addr()?;
-            let server = ServerProc::start(kind, addr, Some(cores.server), &[], secs(10))?;
-            p.sub_addr = addr;
-            p.pub_addr = addr;
-            p.watch = vec![("server".into(), server.pid())];
-            let outcome = fanout::run(p);
-            drop(server);
-            outcome
-        }
-        Target::Lingering(bin, us) => {
-            let addr = servers::free_addr()?;
-            let kind = Kind::Ringsock(bin.clone());
-            let extra = ["--publish-linger-us".to_owned(), us.to_string()];
-            let server = ServerProc::start_with(
-                &kind,
-                addr,
-                Some(cores.server),
-                &[],
-                &extra,
-                None,
-                secs(10),
-            )?;
-            p.sub_addr = addr;
-            p.pub_addr = addr;
-            p.watch = vec![("server".into(), server.pid())];
-            let outcome = fanout::run(p);
-            drop(server);
-            outcome
-        }
-        Target::Nodes(engine, bin) => {
-            let (broker, url) = start_broker(args, *engine, cores.broker)?;
-            let flag = format!("--{}", engine.name());
-            let extra = [flag, url];
-            let kind = Kind::Ringsock(bin.clone());
-            let (a_addr, b_addr) = (servers::free_addr()?, servers::free_addr()?);
-            // The nodes' own lines (broker link up or down) go to a log, not between tables.
-            let log = args.out_dir().join(format!("nodes-{}.log", engine.name()));
-            let start = |addr, core| {
-                ServerProc::start_with(&kind, addr, Some(core), &[], &extra, Some(&log), secs(10))
-            };
-            let node_a = start(a_addr, cores.node_a).map_err(|e| format!("node A: {e}"))?;
-            let node_b = start(b_addr, cores.server).map_err(|e| format!("node B: {e}"))?;
-            p.sub_addr = b_addr;
-            p.pub_addr = a_addr;
-            p.watch = vec![
-                ("node B".into(), node_b.pid()),
-                ("node A".into(), node_a.pid()),
-                ("broker".into(), broker.pid()),
-            ];
-            let outcome = fanout::run(p);
-            drop(node_b);
-            drop(node_a);
-            drop(broker);
-            outcome
-        }
-    }
+    // One server, with the arguments its target adds.
+    let (kind, extra) = match target {
+        Target::Server(kind) => (kind.clone(), Vec::new()),
+        Target::Lingering(bin, us) => (
+            Kind::Ringsock(bin.clone()),
+            vec!["--publish-linger-us".to_owned(), us.to_string()],
+        ),
+        Target::Nodes(engine, bin) => return run_nodes(args, *engine, bin, cores, p),
+    };
+    let addr = servers::free_addr()?;
+    let server =
+        ServerProc::start_with(&kind, addr, Some(cores.server), &[], &extra, None, secs(10))?;
+    p.sub_addr = addr;
+    p.pub_addr = addr;
+    p.watch = vec![("server".into(), server.pid())];
+    let outcome = fanout::run(p);
+    drop(server);
+    outcome
+}
+
+/// [`run_one`] for two ringsock nodes (`examples/fanout` at `bin`) on a broker it starts.
+fn run_nodes(
+    args: &Args,
+    engine: Engine,
+    bin: &Path,
+    cores: Cores,
+    p: &mut FanParams,
+) -> Result<FanOutcome, String> {
+    let (broker, url) = start_broker(args, engine, cores.broker)?;
+    let flag = format!("--{}", engine.name());
+    let extra = [flag, url];
+    let kind = Kind::Ringsock(bin.to_path_buf());
+    let (a_addr, b_addr) = (servers::free_addr()?, servers::free_addr()?);
+    // The nodes' own lines (broker link up or down) go to a log, not between tables.
+    let log = args.out_dir().join(format!("nodes-{}.log", engine.name()));
+    let start = |addr, core| {
+        ServerProc::start_with(&kind, addr, Some(core), &[], &extra, Some(&log), secs(10))
+    };
+    let node_a = start(a_addr, cores.node_a).map_err(|e| format!("node A: {e}"))?;
+    let node_b = start(b_addr, cores.server).map_err(|e| format!("node B: {e}"))?;
+    p.sub_addr = b_addr;
+    p.pub_addr = a_addr;
+    p.watch = vec![
+        ("node B".into(), node_b.pid()),
+        ("node A".into(), node_a.pid()),
+        ("broker".into(), broker.pid()),
+    ];
+    let outcome = fanout::run(p);
+    drop(node_b);
+    drop(node_a);
+    drop(broker);
+    outcome
 }
 
 fn secs(s: u64) -> Duration {

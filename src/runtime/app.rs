@@ -160,13 +160,13 @@ pub(crate) struct Link {
     pub touched: bool,
     /// The connection is on the shard's list of subscribers with publications lingering
     /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)), settled when the
-    /// linger ends. Until then nothing new is sent (automatic pongs and pings wait too),
-    /// unless [`Link::send_now`] is set, the connection is closing, or the peer has finished
-    /// sending.
+    /// linger ends. Until then nothing new is sent, unless [`Link::send_now`] is set, the
+    /// connection is closing, or the peer has finished sending.
     pub lingering: bool,
-    /// Send what is queued at the next settling even if publications linger: a message was
-    /// sent to the connection directly (the publications go along with it), or the linger
-    /// ended. Cleared when the output is next loaded.
+    /// Send what is queued at the next settling even if publications linger (they go along):
+    /// the 101, a message, a ping or a pong was queued, the output reached
+    /// [`LINGER_FLUSH`](super::pubsub::LINGER_FLUSH), or the linger ended. Cleared when the
+    /// output is next loaded.
     pub send_now: bool,
     /// Output may include pieces sent from where they are (not on TLS, which encrypts its
     /// own stream).
@@ -514,6 +514,7 @@ impl<S> Session<'_, S> {
             return SendStatus::Dropped;
         }
         encode_frame(self.link.out(), true, false, OpCode::Ping, payload);
+        self.link.send_now = true;
         self.ctx.touch(self.link);
         self.link.status(&self.ctx.limits)
     }

@@ -115,15 +115,16 @@ pub struct Buffers {
     pub command_queue: usize,
     /// How long a publication may wait in a subscriber's output for more to join it before
     /// it is sent. Zero (the default) sends at the end of the round that queued it, as every
-    /// other output. Each send costs the kernel a fixed amount plus its bytes (1 KiB
-    /// publications to 1,000 loopback subscribers: ~4.4 µs per send plus ~0.56 µs per KiB),
-    /// so a shard fanning out one publication per send saturates early; with a linger,
-    /// what is published within it goes out in one send per subscriber, for up to the
-    /// linger of added latency. A message sent to the subscriber directly, its closing and
-    /// the end of its input take lingering publications along at once. At most one hour.
-    /// Measured in perf/README ("Publish linger"), 1 KiB at 500/s to 1,000 subscribers:
-    /// 10 ms halves server CPU per delivery (p50 7.8 -> 14.3 ms); a linger shorter than
-    /// the shard's own send phase changes little.
+    /// other output. Each send has a fixed cost besides its bytes (measured as server CPU per
+    /// send, 1 KiB publications to 1,000 loopback subscribers: ~6 µs carrying 3.4 of them,
+    /// ~10 µs carrying 10), so a shard fanning out one publication per send saturates early;
+    /// with a linger, what is published within it goes out in one send per subscriber. The
+    /// latency added is the linger, counted from the first publication held, plus the
+    /// longer send phase of the batch. Held output goes out at once when it reaches 64 KiB,
+    /// or when the subscriber gets anything else (the 101, a message, a ping or pong), closes
+    /// or stops sending. At most 30 s. Measured in perf/README ("Publish linger"), 1 KiB at
+    /// 500/s to 1,000 subscribers: 10 ms halves server CPU per delivery (p50 7.8 -> 14.3 ms);
+    /// a linger shorter than the shard's own send phase changes little.
     pub publish_linger: Duration,
 }
 

@@ -125,6 +125,12 @@ impl Topics {
 /// 1 KiB 578k vs 493k.
 pub(crate) const SHARE_FROM: usize = 512;
 
+/// Lingering publications go out once a subscriber has this many bytes queued, linger or
+/// not: a send of 64 KiB already spreads its fixed cost over 64 publications of 1 KiB, and
+/// held output counts against the backpressure marks, which it must not reach for a
+/// subscriber that reads.
+pub(crate) const LINGER_FLUSH: usize = 64 * 1024;
+
 /// Queues one frame on every open subscriber of `topic` (every open connection for `None`);
 /// each one written to goes on `touched`. A frame of [`SHARE_FROM`] bytes or more is shared
 /// by reference ([`Output::share`](super::app::Output::share)), not copied, so a publication
@@ -136,7 +142,7 @@ pub(crate) const SHARE_FROM: usize = 512;
 ///
 /// With `lingering` (a publish linger is set), a subscriber goes on that list instead, once,
 /// and its output is held (see [`Link::lingering`]) so that what is published until the
-/// linger ends goes out in one send.
+/// linger ends goes out in one send, or until [`LINGER_FLUSH`] bytes are queued.
 #[allow(clippy::too_many_arguments)] // the shard's parts, borrowed apart
 pub(crate) fn fan_out<S>(
     conns: &mut Slab<Conn<S>>,
@@ -169,17 +175,23 @@ pub(crate) fn fan_out<S>(
             output.corked.extend_from_slice(frame);
         }
         delivered += 1;
-        match lingering.as_deref_mut() {
-            Some(lingering) if !link.lingering => {
-                link.lingering = true;
-                lingering.push(link.id);
-            }
-            Some(_) => {}
-            None if !link.touched => {
+        let Some(lingering) = lingering.as_deref_mut() else {
+            if !link.touched {
                 link.touched = true;
                 touched.push(link.id.slot);
             }
-            None => {}
+            return;
+        };
+        if !link.lingering {
+            link.lingering = true;
+            lingering.push(link.id);
+        }
+        if !link.send_now && link.buffered() >= LINGER_FLUSH {
+            link.send_now = true;
+            if !link.touched {
+                link.touched = true;
+                touched.push(link.id.slot);
+            }
         }
     };
     match topic {

@@ -62,8 +62,10 @@ const RECV_BUDGET_KIB: u16 = 256;
 /// ~4.9 µs per 16 KiB one, so a message costs what ~1.3 KiB of payload does).
 pub(super) const FRAME_COST_KIB: u32 = 1;
 
-/// The longest publish linger: longer ones are cut to it (so a deadline never overflows).
-pub(super) const MAX_LINGER: Duration = Duration::from_secs(3600);
+/// The longest publish linger: longer ones are cut to it (a deadline never overflows, and
+/// the list of connections that lingered, which keeps those freed meanwhile until the
+/// linger ends, stays short).
+pub(super) const MAX_LINGER: Duration = Duration::from_secs(30);
 
 /// Every connection's state and the shard-wide state callbacks reach: everything but the
 /// ring, so the two can be borrowed apart.
@@ -105,6 +107,12 @@ pub(crate) struct Core<A: App> {
     /// re-armed first, the longest waiting first, once the batch has given its buffers back
     /// (see [`Shard::rearm_starved`]).
     pub starved: Vec<(u64, usize, ConnId)>,
+    /// The publish linger ([`Buffers::publish_linger`](super::Buffers::publish_linger), at
+    /// most [`MAX_LINGER`]); zero for none.
+    pub linger: Duration,
+    /// When the publications lingering in subscribers' outputs go out: the linger after the
+    /// first of them was queued; `None` while none linger.
+    pub linger_until: Option<Instant>,
 }
 
 /// A listening socket a shard accepts from, and whether its connections speak TLS.
@@ -162,12 +170,6 @@ pub(crate) struct Shard<A: App> {
     carried: Vec<Cqe>,
     /// Rounds of the completion loop so far (wrapping).
     round: u16,
-    /// When the publications lingering in subscribers' outputs go out
-    /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)); `None` while none
-    /// linger.
-    linger_until: Option<Instant>,
-    /// The publish linger, at most [`MAX_LINGER`].
-    linger: Duration,
 }
 
 impl<A: App> Shard<A> {
@@ -235,6 +237,8 @@ impl<A: App> Shard<A> {
             gave_back: 0,
             trimmed_at: 0,
             starved: Vec::new(),
+            linger: config.buffers.publish_linger.min(MAX_LINGER),
+            linger_until: None,
             config: Arc::clone(&config),
         };
         Ok(Shard {
@@ -255,8 +259,6 @@ impl<A: App> Shard<A> {
             fail_rearms: config.hooks.fail_rearms,
             carried: Vec::new(),
             round: 0,
-            linger_until: None,
-            linger: config.buffers.publish_linger.min(MAX_LINGER),
         })
     }
 
@@ -287,6 +289,7 @@ impl<A: App> Shard<A> {
         self.arm_all()?;
         loop {
             let linger_left = self
+                .core
                 .linger_until
                 .map(|until| until.saturating_duration_since(Instant::now()));
             match linger_left {
@@ -324,9 +327,6 @@ impl<A: App> Shard<A> {
             self.rearm_starved();
             self.end_linger();
             self.settle();
-            if self.linger_until.is_none() && !self.core.ctx.lingering.is_empty() {
-                self.linger_until = Some(Instant::now() + self.linger);
-            }
             if self.core.shutting_down {
                 if self.core.conns.len() == 0 && !self.listeners.iter().any(|l| l.accept.armed) {
                     return Ok(());
@@ -346,11 +346,11 @@ impl<A: App> Shard<A> {
     /// Once the publish linger is over, every subscriber with publications lingering is
     /// settled with this round's connections.
     fn end_linger(&mut self) {
-        match self.linger_until {
+        match self.core.linger_until {
             Some(until) if Instant::now() >= until => {}
             _ => return,
         }
-        self.linger_until = None;
+        self.core.linger_until = None;
         let Core { conns, ctx, .. } = &mut self.core;
         for id in ctx.lingering.drain(..) {
             // A connection freed meanwhile is gone (its slot's generation moved on).
@@ -949,7 +949,7 @@ impl<A: App> Core<A> {
     /// Copies a shared frame into every open subscriber's output (all open connections for
     /// `None`).
     pub(super) fn fan_out(&mut self, topic: Option<&str>, frame: &Bytes) {
-        let lingers = !self.config.buffers.publish_linger.is_zero();
+        let lingers = !self.linger.is_zero();
         pubsub::fan_out(
             &mut self.conns,
             &self.ctx.topics,
@@ -960,6 +960,9 @@ impl<A: App> Core<A> {
             lingers.then_some(&mut self.ctx.lingering),
             &mut self.ctx.metrics,
         );
+        if lingers && self.linger_until.is_none() && !self.ctx.lingering.is_empty() {
+            self.linger_until = Some(Instant::now() + self.linger);
+        }
     }
 }
 

@@ -131,6 +131,10 @@ impl TestHandler {
                 ws.send_with(Message::Text(&text), false);
             }
             ["panic"] => panic!("asked to (test)"),
+            ["sleep", ms] => {
+                // Holds the shard: what arrives meanwhile is handled in one later round.
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+            }
             ["shard"] => {
                 let shard = ws.shard();
                 ws.send_text(&format!("shard:{shard}"));
