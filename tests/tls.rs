@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{builder, masked_frame, parse_frame, start, wait_for, wait_idle, Frame, RawClient};
-use ringsock::server::{Builder, ServerHandle, TlsConfig};
+use ringsock::server::{Builder, Message, ServerHandle, TlsConfig};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, StreamOwned, SupportedProtocolVersion,
@@ -490,6 +490,46 @@ fn key_updates_from_the_client_are_followed() {
     c.send_frame(true, 8, &1000u16.to_be_bytes());
     assert_eq!(c.read_close(), Some(1000));
     c.read_tls_end().expect("close_notify");
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn lingering_publications_over_tls_are_encrypted_when_they_go() {
+    // Held in the clear, encrypted once released: by the linger's end (1 s), by a reply (a
+    // 30 s linger that only the echo can release in time), and by 64 KiB queued.
+    let (handle, _) = start_tls(builder().publish_linger(Duration::from_secs(1)));
+    let mut c = TlsClient::connect(handle.local_addr());
+    c.send_frame(true, 1, b"cmd:sub:room");
+    assert_eq!(c.read_message().2, b"subscribed");
+    let big = payload(1024, false);
+    let published = Instant::now();
+    handle.publish("room", Message::Text("p0"));
+    handle.publish("room", Message::Binary(&big));
+    assert_eq!(c.read_message().2, b"p0");
+    assert!(c.read_message().2 == big, "the 1 KiB publication");
+    assert!(
+        published.elapsed() >= Duration::from_secs(1),
+        "held for the linger"
+    );
+    handle.shutdown().expect("clean shutdown");
+
+    let (handle, _) = start_tls(builder().publish_linger(Duration::from_secs(30)));
+    let mut c = TlsClient::connect(handle.local_addr());
+    c.send_frame(true, 1, b"cmd:sub:room");
+    assert_eq!(c.read_message().2, b"subscribed");
+    handle.publish("room", Message::Text("p1"));
+    wait_for(5, "the publication queued", || {
+        handle.metrics().fanout_deliveries >= 1
+    });
+    c.send_frame(true, 1, b"echo me");
+    assert_eq!(c.read_message().2, b"p1");
+    assert_eq!(c.read_message().2, b"echo me");
+    for _ in 0..100 {
+        handle.publish("room", Message::Binary(&big));
+    }
+    for _ in 0..60 {
+        assert!(c.read_message().2 == big, "released at 64 KiB");
+    }
     handle.shutdown().expect("clean shutdown");
 }
 
