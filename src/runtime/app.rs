@@ -295,6 +295,15 @@ impl Link {
         &mut self.output.get_or_insert_with(Box::default).corked
     }
 
+    /// Puts the connection on `touched` (the shard's list to settle after this batch) once;
+    /// [`Ctx::touch`] where the context is not borrowed apart.
+    pub fn touch(&mut self, touched: &mut Vec<u32>) {
+        if !self.touched {
+            self.touched = true;
+            touched.push(self.id.slot);
+        }
+    }
+
     /// The rarely used part, allocated on first use.
     pub fn extra(&mut self) -> &mut LinkExtra {
         self.extra.get_or_insert_with(Box::default)
@@ -458,10 +467,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Queues the connection for settling at the end of the batch.
     pub fn touch(&mut self, link: &mut Link) {
-        if !link.touched {
-            link.touched = true;
-            self.touched.push(link.id.slot);
-        }
+        link.touch(&mut self.touched);
     }
 
     /// Publishes a ready frame: other nodes through the uplink, other shards by message,

@@ -176,10 +176,7 @@ pub(crate) fn fan_out<S>(
         }
         delivered += 1;
         let Some(lingering) = lingering.as_deref_mut() else {
-            if !link.touched {
-                link.touched = true;
-                touched.push(link.id.slot);
-            }
+            link.touch(touched);
             return;
         };
         if !link.lingering {
@@ -188,10 +185,7 @@ pub(crate) fn fan_out<S>(
         }
         if !link.send_now && link.buffered() >= LINGER_FLUSH {
             link.send_now = true;
-            if !link.touched {
-                link.touched = true;
-                touched.push(link.id.slot);
-            }
+            link.touch(touched);
         }
     };
     match topic {

@@ -358,10 +358,7 @@ impl<A: App> Shard<A> {
                 c.link.lingering = false;
                 // Sent in this round even if publications made in it linger again.
                 c.link.send_now = true;
-                if !c.link.touched {
-                    c.link.touched = true;
-                    ctx.touched.push(id.slot);
-                }
+                c.link.touch(&mut ctx.touched);
             }
         }
     }
