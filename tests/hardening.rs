@@ -1350,6 +1350,47 @@ fn a_connection_flooding_large_messages_does_not_starve_another() {
     );
 }
 
+/// Holds the shard for 500 ms (`cmd:sleep`), writes `frames` meanwhile so they wait in the
+/// socket and arrive as several 32 KiB receives in one round, reads their `echoed` bytes
+/// back, and returns how many receives the shard held back to a later round.
+fn receives_held_back(frames: &[u8], echoed: usize) -> u64 {
+    let (handle, _) = start(builder());
+    let mut c = open(handle.local_addr());
+    c.send_frame(true, 1, b"cmd:sleep:500");
+    std::thread::sleep(Duration::from_millis(50));
+    let before = handle.metrics().recvs_held_back;
+    // The write may block until the shard reads again; the shard wakes by itself.
+    c.stream.write_all(frames).expect("frames written");
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < echoed {
+        let n = c.stream.read(&mut chunk).expect("echoes read");
+        assert!(n > 0, "closed before every echo");
+        got += n;
+    }
+    assert_eq!(got, echoed, "exactly the echoes");
+    let held = handle.metrics().recvs_held_back - before;
+    drop(c);
+    stop(handle);
+    held
+}
+
+#[test]
+fn the_receive_budget_counts_frames_as_well_as_bytes() {
+    // 96 KiB is well under the round's 256 KiB of bytes. In 7-byte frames it is 14,043
+    // frames, each charged as 1 KiB: the first 32 KiB receive uses up the round and the
+    // rest of the connection's receives wait for the next. With bytes alone (the budget
+    // before `46a2821`), none would.
+    let tiny = masked_frame(true, 2, b"x");
+    let n = 96 * 1024 / tiny.len();
+    let held = receives_held_back(&tiny.repeat(n), n * 3);
+    assert!(held > 0, "receives of {n} tiny frames held back: {held}");
+    // The same bytes in six 16 KiB messages cost 102 of the 256: nothing waits.
+    let large = masked_frame(true, 2, &vec![0x5a; 16 * 1024 - 14]);
+    let held = receives_held_back(&large.repeat(6), 6 * (16 * 1024 - 10));
+    assert_eq!(held, 0, "receives of six 16 KiB messages held back");
+}
+
 /// `conns` connections, each sending `burst` binary messages of `size` bytes at a time and
 /// waiting for all their echoes before the next burst, for `for_how_long`: the round-trip
 /// time of every burst, sorted.

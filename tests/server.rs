@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{builder, masked_frame, start, wait_for, wait_idle, RawClient};
 use futures_util::{SinkExt, StreamExt};
+use ringsock::proto::CloseCode;
 use ringsock::server::{Decision, Message, SendStatus, ServerHandle};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -549,6 +550,33 @@ fn anything_else_for_the_subscriber_takes_lingering_publications_along() {
     assert_eq!(c.read_close(), Some(4000));
     c.send_frame(true, 8, &4000u16.to_be_bytes());
     assert!(c.sees_eof());
+    handle.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_message_or_close_from_another_thread_takes_lingering_publications_along() {
+    // A `Remote` send reaches the connection through the shard's command queue, not a
+    // callback: it must release the held publications as a handler's send does.
+    let (handle, probe) = start(builder().publish_linger(LONG_LINGER));
+    let mut c = subscriber(&handle, "room");
+    let remote = probe.remotes.lock().unwrap()[0].clone();
+    handle.publish("room", Message::Text("p0"));
+    handle.publish("room", Message::Text("p1"));
+    wait_deliveries(&handle, 2);
+    assert_eq!(remote.send_text("direct"), SendStatus::Queued);
+    for expected in [&b"p0"[..], b"p1", b"direct"] {
+        assert_eq!(c.read_frame().payload, expected);
+    }
+    // And a close from another thread: the publications go before the close frame.
+    handle.publish("room", Message::Text("p2"));
+    wait_deliveries(&handle, 3);
+    assert_eq!(remote.close(CloseCode(4001), "bye"), SendStatus::Queued);
+    assert_eq!(c.read_frame().payload, b"p2");
+    assert_eq!(c.read_close(), Some(4001));
+    c.send_frame(true, 8, &4001u16.to_be_bytes());
+    assert!(c.sees_eof());
+    // Our FIN: the server reads on until it, up to the close timeout.
+    drop(c);
     handle.shutdown().expect("clean shutdown");
 }
 

@@ -224,6 +224,11 @@ pub struct Metrics {
     /// Shards running without a provided-buffer ring (single-shot receives instead), because
     /// the kernel or the locked-memory limit did not allow one.
     pub buffer_ring_fallbacks: u64,
+    /// Receive completions held back to the next round because their connection had had
+    /// its share of the round's input (256 KiB, each frame parsed counted as 1 KiB more);
+    /// one held again in that round counts again. A connection flooding the shard shows
+    /// here; one that merely reads and writes steadily does not.
+    pub recvs_held_back: u64,
     /// Publications and broadcasts queued for a subscriber.
     pub fanout_deliveries: u64,
     /// Of those, the ones queued by reference to the one shared frame, not copied (frames of
@@ -281,6 +286,7 @@ impl Metrics {
         self.dropped_over_cap += o.dropped_over_cap;
         self.recv_buffers_exhausted += o.recv_buffers_exhausted;
         self.buffer_ring_fallbacks += o.buffer_ring_fallbacks;
+        self.recvs_held_back += o.recvs_held_back;
         self.fanout_deliveries += o.fanout_deliveries;
         self.fanout_shared += o.fanout_shared;
         self.sent_lent += o.sent_lent;

@@ -312,6 +312,7 @@ impl<A: App> Shard<A> {
             let mut result = Ok(());
             for cqe in cqes.drain(..) {
                 if self.over_budget(&cqe) {
+                    self.core.ctx.metrics.recvs_held_back += 1;
                     self.carried.push(cqe);
                     continue;
                 }

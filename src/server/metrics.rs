@@ -198,6 +198,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "recvs_held_back",
+            "Receives held back to the next round: their connection had had its share of it.",
+            m.recvs_held_back,
+        )?;
+        counter(
+            e,
             "fanout_deliveries",
             "Publications queued for a subscriber.",
             m.fanout_deliveries,
