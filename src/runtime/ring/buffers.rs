@@ -120,9 +120,36 @@ impl SendBuf {
         self.reclaimed.pop()
     }
 
-    /// Whether the unsent bytes include shared frames (then the send is vectored).
-    pub(super) fn is_vectored(&self) -> bool {
-        !self.pieces.is_empty()
+    /// The unsent bytes if they are one contiguous slice: the corked bytes alone, or one
+    /// piece alone (a publication to an otherwise idle subscriber, a large message sent on).
+    /// A plain send takes those; a vectored one costs the kernel a copy of its header and an
+    /// import of its vectors on every send (~4% of the server's CPU in `perf record` at 100
+    /// publications/s of 1 KiB to 1,000 subscribers, one publication a send).
+    pub(super) fn contiguous_unsent(&self) -> Option<&[u8]> {
+        // The spans in order: corked bytes before each piece, the piece, the corked rest.
+        let tail = self.pieces.last().map_or(0, |(offset, _)| *offset);
+        let mut from = 0;
+        let spans = self
+            .pieces
+            .iter()
+            .flat_map(move |(offset, piece)| {
+                let before = &self.data[from..*offset];
+                from = *offset;
+                [before, piece.bytes()]
+            })
+            .chain(std::iter::once(&self.data[tail..]));
+        let (mut skip, mut found) = (self.pos, None);
+        for span in spans {
+            if skip >= span.len() {
+                skip -= span.len();
+            } else if found.is_some() {
+                return None;
+            } else {
+                found = Some(&span[skip..]);
+                skip = 0;
+            }
+        }
+        found
     }
 
     /// Fills the I/O vectors with the unsent bytes (at most [`MAX_IOV`] pieces) and returns
@@ -407,6 +434,47 @@ mod tests {
         buf.complete(Cqe::new(0, 30, 0), 1 << 16);
         assert!(buf.is_idle());
         assert_eq!(buf.data.capacity(), 4096, "kept for the next load");
+    }
+
+    #[test]
+    fn unsent_bytes_in_one_slice_are_found_wherever_they_are() {
+        let frame = Rc::new(Bytes::from_static(b"shared"));
+        let load = |data: &[u8], pieces: &[usize]| {
+            let mut buf = SendBuf::default();
+            let mut out = data.to_vec();
+            let mut placed = pieces
+                .iter()
+                .map(|&offset| (offset, Piece::Shared(frame.clone())))
+                .collect();
+            buf.load_pieces(&mut out, &mut placed);
+            buf
+        };
+        // Corked bytes alone, a piece alone.
+        assert_eq!(load(b"abc", &[]).contiguous_unsent(), Some(&b"abc"[..]));
+        assert_eq!(load(b"", &[0]).contiguous_unsent(), Some(&b"shared"[..]));
+        // Corked bytes and a piece: two slices, until the first is written.
+        let mut buf = load(b"ab", &[2]);
+        assert_eq!(buf.contiguous_unsent(), None);
+        buf.pos = 1;
+        assert_eq!(buf.contiguous_unsent(), None);
+        buf.pos = 2;
+        assert_eq!(buf.contiguous_unsent(), Some(&b"shared"[..]));
+        buf.pos = 5;
+        assert_eq!(buf.contiguous_unsent(), Some(&b"red"[..]));
+        // A piece with bytes after it, then the bytes after it alone.
+        let mut buf = load(b"xyz", &[0]);
+        assert_eq!(buf.contiguous_unsent(), None);
+        buf.pos = 6;
+        assert_eq!(buf.contiguous_unsent(), Some(&b"xyz"[..]));
+        buf.pos = 8;
+        assert_eq!(buf.contiguous_unsent(), Some(&b"z"[..]));
+        // Two pieces back to back, then the second alone.
+        let mut buf = load(b"", &[0, 0]);
+        assert_eq!(buf.contiguous_unsent(), None);
+        buf.pos = 6;
+        assert_eq!(buf.contiguous_unsent(), Some(&b"shared"[..]));
+        // Nothing loaded: nothing to send.
+        assert_eq!(load(b"", &[]).contiguous_unsent(), None);
     }
 
     #[test]

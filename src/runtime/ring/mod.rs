@@ -393,16 +393,15 @@ impl Ring {
     /// If `buf` is already in flight or has nothing to send (driver bugs).
     pub fn send(&mut self, fd: RawFd, buf: &mut SendBuf, user_data: u64) -> io::Result<()> {
         assert!(!buf.in_flight && buf.remaining() > 0, "bad send submission");
-        let e = if buf.is_vectored() {
-            let msg = buf.prepare_vectored();
-            opcode::SendMsg::new(Fd(fd), msg)
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
-        } else {
-            let unsent = &buf.data[buf.pos..];
+        let e = if let Some(unsent) = buf.contiguous_unsent() {
             let len = u32::try_from(unsent.len()).unwrap_or(u32::MAX);
             opcode::Send::new(Fd(fd), unsent.as_ptr(), len)
                 .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            let msg = buf.prepare_vectored();
+            opcode::SendMsg::new(Fd(fd), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         };
         buf.in_flight = true;
