@@ -1356,9 +1356,10 @@ fn a_connection_flooding_large_messages_does_not_starve_another() {
 fn receives_held_back(frames: &[u8], echoed: usize) -> u64 {
     let (handle, _) = start(builder());
     let mut c = open(handle.local_addr());
+    // Read before the shard sleeps: it answers for its metrics between rounds.
+    let before = handle.metrics().recvs_held_back;
     c.send_frame(true, 1, b"cmd:sleep:500");
     std::thread::sleep(Duration::from_millis(50));
-    let before = handle.metrics().recvs_held_back;
     // The write may block until the shard reads again; the shard wakes by itself.
     c.stream.write_all(frames).expect("frames written");
     let mut chunk = vec![0u8; 64 * 1024];

@@ -560,6 +560,7 @@ fn a_message_or_close_from_another_thread_takes_lingering_publications_along() {
     let (handle, probe) = start(builder().publish_linger(LONG_LINGER));
     let mut c = subscriber(&handle, "room");
     let remote = probe.remotes.lock().unwrap()[0].clone();
+    let before = handle.metrics().socket_sends;
     handle.publish("room", Message::Text("p0"));
     handle.publish("room", Message::Text("p1"));
     wait_deliveries(&handle, 2);
@@ -567,6 +568,11 @@ fn a_message_or_close_from_another_thread_takes_lingering_publications_along() {
     for expected in [&b"p0"[..], b"p1", b"direct"] {
         assert_eq!(c.read_frame().payload, expected);
     }
+    assert_eq!(
+        handle.metrics().socket_sends - before,
+        1,
+        "held until the message, then sent with it"
+    );
     // And a close from another thread: the publications go before the close frame.
     handle.publish("room", Message::Text("p2"));
     wait_deliveries(&handle, 3);

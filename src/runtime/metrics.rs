@@ -225,9 +225,9 @@ pub struct Metrics {
     /// the kernel or the locked-memory limit did not allow one.
     pub buffer_ring_fallbacks: u64,
     /// Receive completions held back to the next round because their connection had had
-    /// its share of the round's input (256 KiB, each frame parsed counted as 1 KiB more);
-    /// one held again in that round counts again. A connection flooding the shard shows
-    /// here; one that merely reads and writes steadily does not.
+    /// its share of the round's input (256 KiB, each frame parsed counted as 1 KiB more),
+    /// counted once for each round a completion is held. Any connection with more than a
+    /// round's share ready at once shows here: a flood of small frames, a large message.
     pub recvs_held_back: u64,
     /// Publications and broadcasts queued for a subscriber.
     pub fanout_deliveries: u64,

@@ -199,7 +199,7 @@ impl Collector for Snapshot {
         counter(
             e,
             "recvs_held_back",
-            "Receives held back to the next round: their connection had had its share of it.",
+            "Receives held back to the next round (once per round held): their connection had had its share of it.",
             m.recvs_held_back,
         )?;
         counter(

@@ -37,7 +37,8 @@ impl Piece {
 
 /// Bytes on their way to a socket. [`SendBuf::load`] takes a connection's corked output by
 /// swapping vectors (no copy); [`SendBuf::load_pieces`] also takes pieces sent from where
-/// they are (shared frames, a lent message) with a vectored send. Once submitted the bytes
+/// they are (shared frames, a lent message) with a vectored send, or a plain one when the
+/// unsent bytes are one slice ([`SendBuf::contiguous_unsent`]). Once submitted the bytes
 /// stay untouched until the send's own completion is handed to [`SendBuf::complete`].
 #[derive(Default)]
 pub(crate) struct SendBuf {
