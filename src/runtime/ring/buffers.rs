@@ -472,6 +472,12 @@ mod tests {
         // Two pieces back to back, then the second alone.
         let mut buf = load(b"", &[0, 0]);
         assert_eq!(buf.contiguous_unsent(), None);
+        buf.pos = 3;
+        assert_eq!(
+            buf.contiguous_unsent(),
+            None,
+            "the rest of the first, and the second"
+        );
         buf.pos = 6;
         assert_eq!(buf.contiguous_unsent(), Some(&b"shared"[..]));
         // Nothing loaded: nothing to send.

@@ -687,6 +687,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_piece_goes_out_whole_with_a_plain_send() {
+        let mut ring = Ring::new(8).unwrap();
+        let (a, b) = socketpair();
+        let frame = std::rc::Rc::new(bytes::Bytes::from(vec![0xCD; 3000]));
+        let mut shared = vec![(0, super::Piece::Shared(frame.clone()))];
+        let mut send = SendBuf::default();
+        send.load_pieces(&mut Vec::new(), &mut shared);
+        assert!(send.contiguous_unsent().is_some(), "one slice");
+        ring.send(a, &mut send, 2).unwrap();
+        let cqe = wait_for(&mut ring, 2);
+        assert_eq!(cqe.result(), 3000);
+        send.complete(cqe, 1 << 16);
+        assert!(send.is_idle() && send.pieces.is_empty(), "frame released");
+        let mut got = vec![0u8; 3000];
+        // SAFETY: reads into `got`, which outlives the call.
+        let n = unsafe { libc::read(b, got.as_mut_ptr().cast(), got.len()) };
+        assert_eq!(n, 3000);
+        assert!(got[..] == frame[..]);
+        crate::runtime::sys::close(a);
+        crate::runtime::sys::close(b);
+    }
+
+    #[test]
     fn a_send_to_a_closed_peer_is_an_error_not_a_sigpipe() {
         // SAFETY: restores the default SIGPIPE action (Rust's runtime ignores it), as an
         // embedding in a C program would have it; this test binary sends to no other pipe.
