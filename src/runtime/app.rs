@@ -160,13 +160,14 @@ pub(crate) struct Link {
     pub touched: bool,
     /// The connection is on the shard's list of subscribers with publications lingering
     /// ([`Buffers::publish_linger`](super::Buffers::publish_linger)), settled when the
-    /// linger ends. Until then nothing new is sent, unless [`Link::send_now`] is set, the
-    /// connection is closing, or the peer has finished sending.
+    /// linger ends. Until then its output is held while all that is queued is publications
+    /// ([`Output::only_publications`]): anything else queued (the 101, a message, a ping or
+    /// a pong) takes them along. Not held either with [`Link::send_now`] set, or once the
+    /// connection is closing or the peer has finished sending.
     pub lingering: bool,
-    /// Send what is queued at the next settling even if publications linger (they go along):
-    /// the 101, a message, a ping or a pong was queued, the output reached
-    /// [`LINGER_FLUSH`](super::pubsub::LINGER_FLUSH), or the linger ended. Cleared when the
-    /// output is next loaded.
+    /// Send what is queued at the next settling even if only publications are: the output
+    /// reached [`LINGER_FLUSH`](super::pubsub::LINGER_FLUSH), or the linger ended. Cleared
+    /// when the output is next loaded.
     pub send_now: bool,
     /// Output may include pieces sent from where they are (not on TLS, which encrypts its
     /// own stream).
@@ -187,6 +188,10 @@ pub(crate) struct Output {
     /// The bytes of `pieces`, and of a lent message announced but not yet placed
     /// ([`Output::lend`]).
     pub pieces_len: usize,
+    /// How many of the queued bytes (`corked` and `pieces`) are publications queued while
+    /// nothing else was; all of them while only publications wait (see
+    /// [`Output::only_publications`]). Zeroed when the queued bytes are loaded.
+    pub published: usize,
     /// The bytes on their way to the socket.
     pub send: SendBuf,
     /// A send was loaded since the sweep last looked: the output is in use, not to be
@@ -208,6 +213,18 @@ impl Output {
     /// Whether frames wait to be loaded into the send.
     pub fn has_queued(&self) -> bool {
         !self.corked.is_empty() || !self.pieces.is_empty()
+    }
+
+    /// Bytes queued and not yet loaded into the send.
+    pub fn queued(&self) -> usize {
+        self.corked.len() + self.pieces_len
+    }
+
+    /// Whether all that is queued is publications (or nothing is): every other writer
+    /// queues bytes that [`Output::published`] does not count, so a lingering subscriber's
+    /// output is held only while this holds, without each writer having to say so.
+    pub fn only_publications(&self) -> bool {
+        self.queued() == self.published
     }
 
     /// Queues a frame shared with other connections, by reference.
@@ -520,7 +537,6 @@ impl<S> Session<'_, S> {
             return SendStatus::Dropped;
         }
         encode_frame(self.link.out(), true, false, OpCode::Ping, payload);
-        self.link.send_now = true;
         self.ctx.touch(self.link);
         self.link.status(&self.ctx.limits)
     }
@@ -696,9 +712,6 @@ pub(crate) fn send_counted(
     let (metrics, len) = (&mut ctx.metrics, payload.len());
     match status {
         SendStatus::Queued | SendStatus::Backpressure => {
-            // A message of its own is not held back with lingering publications: they go
-            // with it.
-            link.send_now = true;
             let compressed = allow_compress && len >= link.min_compress;
             metrics.sent.count(len, compressed);
         }

@@ -483,8 +483,6 @@ impl<A: App> Core<A> {
         });
         c.phase = Phase::Ws;
         c.link.open = true;
-        // The 101 goes out now, even if `on_open` subscribes and a publication lingers.
-        c.link.send_now = true;
         // A FIN that came while the upgrade waited still bounds the connection.
         c.deadline = match c.peer_eof {
             true => self.now.saturating_add(self.close_ms),
@@ -582,10 +580,6 @@ impl<A: App> Core<A> {
             let Some(event) = progress.event else { break };
             let compressed = progress.compressed;
             let failed = matches!(event, Event::Error(_));
-            if matches!(event, Event::Ping(_)) {
-                // Its pong is queued: sent now, not held with lingering publications.
-                c.link.send_now = true;
-            }
             let link = &mut c.link;
             let session = Session {
                 link,

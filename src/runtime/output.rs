@@ -58,12 +58,17 @@ impl<A: App> Shard<A> {
             Some(_) => Some(c.link.output.get_or_insert_with(Box::default)),
             None => c.link.output.as_mut(),
         };
-        // Publications lingering: nothing new goes out until the linger ends, a direct
-        // message goes, the connection closes or its peer has finished (see `Link::lingering`).
-        let held = c.link.lingering && !c.link.send_now && c.link.open && !c.peer_eof;
+        // Publications lingering: nothing goes out until the linger ends, anything else is
+        // queued, the connection closes or its peer has finished (see `Link::lingering`).
+        let held = c.link.lingering
+            && !c.link.send_now
+            && c.link.open
+            && !c.peer_eof
+            && output.as_ref().is_some_and(|o| o.only_publications());
         if let Some(output) = output.filter(|o| !o.send.in_flight()) {
             if output.send.remaining() == 0 && !held {
                 c.link.send_now = false;
+                output.published = 0;
                 match c.tls.as_mut() {
                     None if output.has_queued() => output.load(),
                     None => {}

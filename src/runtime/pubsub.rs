@@ -168,11 +168,15 @@ pub(crate) fn fan_out<S>(
             return;
         }
         let output = link.output.get_or_insert_with(Box::default);
+        let only_publications = lingering.is_some() && output.only_publications();
         if frame.len() >= SHARE_FROM && link.shares {
             output.share(local.get_or_insert_with(|| Rc::new(frame.clone())));
             shared += 1;
         } else {
             output.corked.extend_from_slice(frame);
+        }
+        if only_publications {
+            output.published = output.queued();
         }
         delivered += 1;
         let Some(lingering) = lingering.as_deref_mut() else {

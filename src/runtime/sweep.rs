@@ -77,9 +77,6 @@ fn idle_expired<S>(c: &mut Conn<S>, idle: u64, auto_ping: bool, now: u64) -> boo
                 // Never 0, which means "not pinged".
                 c.pinged_at = now.max(1);
                 proto::encode_frame(c.link.out(), true, false, OpCode::Ping, b"");
-                // Sent now, not held with lingering publications: the idle close counts
-                // from here.
-                c.link.send_now = true;
             }
             false
         }
